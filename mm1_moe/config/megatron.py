@@ -1,0 +1,53 @@
+"""Conversion of our config tree to Megatron-core's ``TransformerConfig``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .schema import Config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def decoder_transformer_config(config: Config, use_cpu_initialization: bool = False):
+    """The Megatron ``TransformerConfig`` of the Llama-style decoder (pre-RMSNorm, SwiGLU,
+    RoPE, no biases, no dropout: MM1 pre-trains without it)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dec, par = config.model.decoder, config.parallel
+    dtype = DTYPES[config.train.dtype]
+    return TransformerConfig(
+        num_layers=dec.num_layers,
+        hidden_size=dec.hidden_size,
+        num_attention_heads=dec.num_attention_heads,
+        num_query_groups=dec.kv_heads,
+        ffn_hidden_size=dec.ffn_hidden_size,
+        kv_channels=dec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=dec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        init_method_std=dec.init_std,
+        # Fused CUDA paths off: they have no CPU implementation and our kernels replace them.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=par.tensor_parallel,
+        pipeline_model_parallel_size=par.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline,
+        expert_model_parallel_size=par.expert_parallel,
+        expert_tensor_parallel_size=par.expert_tensor_parallel,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+    )

@@ -1,0 +1,187 @@
+"""The typed configuration tree: one small dataclass per component.
+
+YAML is only storage (see ``loader.py``); cross-field rules live in ``validate.py``. Each field's
+docstring-comment says what it controls; ``Literal`` fields list every accepted value.
+Sizes derived from others (head dim, data-parallel size, padded vocab) are properties, not fields,
+so a config can never disagree with itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Union
+
+
+@dataclass
+class VisionConfig:
+    """CLIP-style ViT image encoder (MM1: ViT-H/14 at 378 px, 729 patches)."""
+
+    image_size: int = 378
+    patch_size: int = 14
+    width: int = 1280
+    depth: int = 32
+    num_heads: int = 16
+    mlp_dim: int = 5120
+    activation: Literal["gelu", "quick_gelu"] = "gelu"
+    layernorm_eps: float = 1e-5
+    freeze: bool = False
+    """Keep the encoder's weights fixed during training."""
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ConnectorConfig:
+    """Vision-language connector: image features [I, P, width] -> [I, num_tokens, decoder D]."""
+
+    type: Literal["c_abstractor", "avg_pool", "attn_pool"] = "c_abstractor"
+    hidden_size: int = 1024
+    depth: int = 3
+    """RegNet bottleneck blocks per C-Abstractor stage (two stages)."""
+    num_tokens: int = 144
+    """Image tokens per image after the connector (a square: 64 or 144)."""
+    freeze: bool = False
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts FFNs. ``num_experts: 0`` means a dense decoder."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    layer_freq: Union[int, List[int]] = 1
+    """Every Nth layer is MoE (int; layers N-1, 2N-1, ... counting from 0), or an explicit
+    0/1 pattern with one entry per decoder layer."""
+    expert_ffn_hidden_size: Optional[int] = None
+    """FFN width of one expert; defaults to the dense ``ffn_hidden_size``."""
+    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    """softmax over all experts then top-k (MM1/ST-MoE), or top-k logits then softmax (Mixtral)."""
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.001
+    capacity_factor: Optional[float] = None
+    """None: dropless. Otherwise each expert takes at most capacity_factor * T * K / E rows."""
+    router_jitter: float = 0.0
+    """Multiplicative uniform input noise eps (0 disables)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
+class DecoderConfig:
+    """Llama-style decoder: pre-RMSNorm, SwiGLU, RoPE, no biases, untied embeddings."""
+
+    num_layers: int = 32
+    hidden_size: int = 4096
+    num_attention_heads: int = 32
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means one per query head."""
+    ffn_hidden_size: int = 12288
+    vocab_size: int = 32000
+    vocab_pad_multiple: int = 128
+    """The embedding is padded to a multiple of this; it must be divisible by the tensor-parallel
+    size, and it does not depend on the layout, so every layout has the same logits."""
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    freeze: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index`` (0-based, global) has an MoE FFN."""
+        if not self.moe.enabled:
+            return False
+        freq = self.moe.layer_freq
+        if isinstance(freq, list):
+            return bool(freq[index])
+        return (index + 1) % freq == 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mm1"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    layout_invariant_init: bool = False
+    """Initialise every parameter from a generator seeded by its global (layout-independent)
+    name, so any TP/PP/DP layout starts from the same weights. Builds one full-size tensor per
+    parameter on each rank: for tests, parity checks and small models."""
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron-core process groups. The data-parallel size is what remains of the world size."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
+    expert_parallel: int = 1
+    expert_tensor_parallel: Optional[int] = None
+    """Tensor parallelism inside experts; None follows ``tensor_parallel``."""
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic_text"] = "synthetic_text"
+    """synthetic_text: a generated, learnable token stream that needs no files."""
+    seq_length: int = 4096
+    max_images_per_sequence: int = 16
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200000
+    micro_batch_size: int = 1
+    global_batch_size: int = 512
+    """Sequences per optimizer step, across data-parallel ranks and micro-batches."""
+    lr: Optional[float] = None
+    """Peak learning rate; None applies MM1's law exp(-0.4214 ln N - 0.5535) for N params."""
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2000
+    weight_decay: Optional[float] = None
+    """None means 0.1 x peak LR (MM1)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 1234
+    log_interval: int = 1
+    output_dir: str = "runs/mm1"
+
+
+@dataclass
+class KernelsConfig:
+    attention: Literal["local"] = "local"
+    """Core attention of the decoder and ViT specs. local: Megatron-core's DotProductAttention
+    (the only backend so far; our Triton kernel and SDPA join this switch when they land)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
