@@ -107,8 +107,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Dict[str,
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         value = yaml.safe_load(raw) if raw.strip() else None
-        if isinstance(value, str) and _looks_like_float(value):
-            value = float(value)  # YAML 1.1 reads "1e-4" as a string
+        value = _fix_floats(value)  # YAML 1.1 reads "1e-4" as a string, also inside [..]/{..}
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

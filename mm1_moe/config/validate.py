@@ -95,7 +95,8 @@ def _check_moe(config: Config, errors: List[str]) -> None:
 
 def _check_vision(config: Config, errors: List[str]) -> None:
     vis, con = config.model.vision, config.model.connector
-    if vis.patch_size < 1 or vis.image_size % vis.patch_size:
+    patch_grid_ok = vis.patch_size >= 1 and vis.image_size % vis.patch_size == 0
+    if not patch_grid_ok:
         errors.append(_not_divisible("model.vision.image_size", vis.image_size,
                                      "model.vision.patch_size", vis.patch_size))
     if vis.num_heads < 1 or vis.width % vis.num_heads:
@@ -105,7 +106,7 @@ def _check_vision(config: Config, errors: List[str]) -> None:
     if con.num_tokens < 1 or side * side != con.num_tokens:
         errors.append(f"model.connector.num_tokens ({con.num_tokens}) must be a square "
                       "(e.g. 64 or 144): the connector pools to a square grid")
-    elif errors == [] and con.num_tokens > vis.num_patches:
+    elif patch_grid_ok and con.num_tokens > vis.num_patches:
         errors.append(f"model.connector.num_tokens ({con.num_tokens}) exceeds the encoder's "
                       f"patches ({vis.num_patches} = (model.vision.image_size / patch_size)^2)")
     if con.depth < 1 or con.hidden_size < 1:

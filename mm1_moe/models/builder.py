@@ -1,0 +1,63 @@
+"""Build this rank's model chunks and wrap them for data-parallel training."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..config import Config
+from ..config.megatron import decoder_transformer_config
+from .decoder import build_decoder
+from .init import layout_invariant_init_
+
+
+def build_model_chunks(config: Config, on_cpu: bool) -> List[torch.nn.Module]:
+    """This rank's decoder chunks: one per virtual pipeline stage (one without interleaving).
+    ``on_cpu`` initialises weights on the CPU (Megatron's ``use_cpu_initialization``), which also
+    makes Megatron's init independent of the tensor-parallel size."""
+    from megatron.core import parallel_state as ps
+
+    transformer_config = decoder_transformer_config(config, use_cpu_initialization=on_cpu)
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    vpp = config.parallel.virtual_pipeline
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunk = build_decoder(
+            config,
+            transformer_config,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            pp_rank=pp_rank,
+            vp_stage=stage,
+        )
+        if not on_cpu:
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    if config.model.layout_invariant_init:
+        layout_invariant_init_(chunks, config)
+    _apply_freezing(config, chunks)
+    return chunks
+
+
+def _apply_freezing(config: Config, chunks: List[torch.nn.Module]) -> None:
+    if config.model.decoder.freeze:
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+
+
+def wrap_ddp(config: Config, chunks: List[torch.nn.Module], distributed_optimizer: bool = False):
+    """Megatron's DDP around each chunk: contiguous fp32 grad buffers, bucketed all-reduce
+    (or reduce-scatter with the distributed optimizer) over the data-parallel group."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(chunk.config, ddp_config, chunk,
+                                disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]

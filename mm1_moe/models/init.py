@@ -1,0 +1,73 @@
+"""Layout-invariant initialisation: the same weights under any TP/PP/DP layout.
+
+Megatron draws each rank's initial weights from that rank's RNG stream, so a TP=2 or PP=2 run
+starts from different weights than a single-process run and their losses cannot be compared.
+Here every parameter is drawn from a generator seeded by its *global* name, taken from Megatron's
+own ``sharded_state_dict`` (the same key, global shape and offset that distributed checkpoints
+use), and each rank copies out only its shard. The cost is one full-size tensor per parameter
+on every rank, which is why it is opt-in (``model.layout_invariant_init``): tests, parity
+checks, small models.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Iterable, Iterator
+
+import torch
+
+from ..config import Config
+
+
+def _sharded_tensors(module: torch.nn.Module) -> Iterator:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for item in nested_values(module.sharded_state_dict()):
+        if isinstance(item, ShardedTensorFactory):  # e.g. SwiGLU fc1: [gate; up] halves
+            yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
+        elif isinstance(item, ShardedTensor):
+            yield item
+
+
+def _std_for(key: str, config: Config) -> float:
+    """Megatron's scheme: N(0, std); output projections of each residual branch get
+    std / sqrt(2 * num_layers) (GPT-2's scaled init, ``scaled_init_method_normal``)."""
+    dec = config.model.decoder
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return dec.init_std / math.sqrt(2.0 * dec.num_layers)
+    return dec.init_std
+
+
+def _full_tensor(key: str, shape, seed: int, config: Config) -> torch.Tensor:
+    if key.endswith("bias"):
+        return torch.zeros(shape)
+    if "norm" in key.rsplit(".", 2)[-2] or key.endswith("layer_norm_weight"):
+        return torch.ones(shape)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.empty(shape).normal_(0.0, _std_for(key, config), generator=generator)
+
+
+@torch.no_grad()
+def layout_invariant_init_(modules: Iterable[torch.nn.Module], config: Config) -> int:
+    """Overwrite every parameter of ``modules`` (this rank's model chunks, before wrapping in
+    DDP) with its shard of a layout-independent draw. Returns the number of tensors set."""
+    count = 0
+    for module in modules:
+        for sharded in _sharded_tensors(module):
+            n = sharded.prepend_axis_num  # stacked-layer axes: their offset is the layer index
+            name = f"{sharded.key}@{tuple(sharded.global_offset[:n])}"
+            seed = (config.train.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+            full = _full_tensor(sharded.key, tuple(sharded.global_shape[n:]), seed, config)
+            index = tuple(
+                slice(offset, offset + size)
+                for offset, size in zip(sharded.global_offset[n:], sharded.local_shape)
+            )
+            shard = full[index]
+            if shard.shape != sharded.data.shape:
+                raise RuntimeError(f"{sharded.key}: shard {tuple(shard.shape)} does not fit the "
+                                   f"local parameter {tuple(sharded.data.shape)}")
+            sharded.data.copy_(shard)
+            count += 1
+    return count

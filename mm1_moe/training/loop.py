@@ -1,0 +1,164 @@
+"""The training loop on Megatron-core's forward-backward schedules.
+
+One optimizer step = ``num_microbatches`` forward/backward passes through Megatron's schedule
+for the layout (no pipelining, 1F1B, or interleaved 1F1B), DP gradient reduction in
+``finalize_model_grads``, one optimizer and LR-scheduler step. So far the data is the generated
+text stream; images, the MM1 mixture, checkpoints and metrics files extend this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..data import SyntheticTextBatches
+from ..models.builder import build_model_chunks, wrap_ddp
+from ..runtime import Runtime, initialize, shutdown
+from .optimizer import build_optimizer
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens_per_s: float
+
+
+@dataclass
+class TrainResult:
+    steps: List[StepLog] = field(default_factory=list)
+
+    @property
+    def losses(self) -> List[float]:
+        return [s.loss for s in self.steps]
+
+
+def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean LM loss over the tokens the mask keeps; Megatron's schedule divides it by the number
+    of micro-batches, so equal-sized micro-batches give the global mean."""
+    mask = loss_mask.reshape(-1).float()
+    total = mask.sum()
+    if total == 0:
+        raise ValueError("a micro-batch has no token to take a loss on (loss_mask is all zero)")
+    loss = (per_token_loss.reshape(-1).float() * mask).sum() / total
+    return loss, {"lm_loss": loss.detach().clone()}  # clone: the schedule rescales in place
+
+
+def forward_step(device: torch.device, data_iterator, model):
+    """Megatron ``forward_step_func``: one micro-batch through this stage's chunk."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None,
+                   labels=batch["labels"])
+    return output, partial(masked_lm_loss, batch["loss_mask"])
+
+
+def _count_params(chunks: List[torch.nn.Module]) -> float:
+    """Parameters of the whole model: this rank's count summed over the model-parallel group,
+    once per tensor-parallel shard (replicated norms are counted once per TP rank; fine for LR)."""
+    from megatron.core import parallel_state as ps
+
+    local = torch.tensor([float(sum(p.numel() for c in chunks for p in c.parameters()))])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(local, group=ps.get_model_parallel_group())
+    return float(local.item())
+
+
+def _global_loss(losses: List[Dict[str, torch.Tensor]]) -> float:
+    """Mean of the micro-batch losses over the last stage's data-parallel ranks, made known
+    to every rank (one all-reduce of [sum, count] over the world)."""
+    from megatron.core import parallel_state as ps
+
+    reporting = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    values = torch.zeros(2, dtype=torch.float64)
+    if reporting and losses:
+        values[0] = sum(float(l["lm_loss"]) for l in losses) / len(losses)
+        values[1] = 1.0
+    if dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return float(values[0] / values[1])
+
+
+def _configure_schedule(chunks, optimizer) -> None:
+    """The hooks Megatron's schedules call: DP grad reduction after the last micro-batch, no
+    sync during accumulation, loss scaling (1.0 outside fp16)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    for chunk in chunks:
+        cfg = chunk.config
+        cfg.finalize_model_grads_func = finalize_model_grads
+        cfg.grad_scale_func = optimizer.scale_loss
+        cfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+
+
+class Trainer:
+    """Builds the model, optimizer and data for ``config`` on a started runtime and runs steps."""
+
+    def __init__(self, config: Config, runtime: Runtime,
+                 log: Optional[Callable[[StepLog], None]] = None):
+        from megatron.core import parallel_state as ps
+
+        self.config, self.runtime, self.log = config, runtime, log
+        chunks = build_model_chunks(config, on_cpu=runtime.cpu_compat)
+        self.num_params = _count_params(chunks)
+        self.model = wrap_ddp(config, chunks)
+        self.optimizer, self.scheduler = build_optimizer(config, self.model, self.num_params)
+        _configure_schedule(self.model, self.optimizer)
+        dec, tr = config.model.decoder, config.train
+        self.data = SyntheticTextBatches(
+            dec.vocab_size, config.data.seq_length, config.data.seed, tr.global_batch_size,
+            tr.micro_batch_size, ps.get_data_parallel_rank(), runtime.data_parallel_size,
+        )
+        self.step_index = 0
+
+    def train_step(self) -> StepLog:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro = list(self.data.next_step())
+        iterators = [iter(micro) for _ in self.model]
+        losses = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, self.runtime.device),
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(micro),
+            seq_length=self.config.data.seq_length,
+            micro_batch_size=self.config.train.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step_index += 1
+        elapsed = time.perf_counter() - start
+        tokens = self.config.train.global_batch_size * self.config.data.seq_length
+        entry = StepLog(self.step_index, _global_loss(losses),
+                        float(grad_norm) if grad_norm is not None else math.nan,
+                        self.optimizer.param_groups[0]["lr"], tokens / elapsed)
+        if self.log is not None:
+            self.log(entry)
+        return entry
+
+
+def train(config: Config, log: Optional[Callable[[StepLog], None]] = None) -> TrainResult:
+    """Start the runtime, train ``config.train.steps`` steps, tear down; returns every step's
+    log (identical on every rank)."""
+    runtime = initialize(config)
+    try:
+        trainer = Trainer(config, runtime, log if runtime.is_main else None)
+        result = TrainResult()
+        for _ in range(config.train.steps):
+            result.steps.append(trainer.train_step())
+        return result
+    finally:
+        shutdown()
