@@ -35,6 +35,7 @@ setup(
     package_dir={"mm1_moe.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    package_data={"mm1_moe": ["default.yaml"]},
     entry_points={"console_scripts": ["mm1-moe=mm1_moe.cli:main"]},
     license="Apache-2.0",
 )

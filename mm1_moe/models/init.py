@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Tuple
 
 import torch
 
@@ -49,25 +49,50 @@ def _full_tensor(key: str, shape, seed: int, config: Config) -> torch.Tensor:
     return torch.empty(shape).normal_(0.0, _std_for(key, config), generator=generator)
 
 
+def layer_key(sharded) -> str:
+    """The global, layout-independent name of a sharded tensor: Megatron stacks decoder layers
+    on prepended axes (``decoder.layers.mlp.linear_fc2.weight`` at offset (3,)); we spell that
+    ``decoder.layers.3.mlp.linear_fc2.weight``, as a single-process state dict does."""
+    n = sharded.prepend_axis_num
+    if n == 0:
+        return sharded.key
+    prefix, _, rest = sharded.key.partition("layers.")
+    if not rest:
+        raise ValueError(f"{sharded.key}: stacked tensor without a 'layers.' component")
+    index = ".".join(str(o) for o in sharded.global_offset[:n])
+    return f"{prefix}layers.{index}.{rest}"
+
+
+FullTensorFn = Callable[[str, Tuple[int, ...]], torch.Tensor]
+
+
 @torch.no_grad()
-def layout_invariant_init_(modules: Iterable[torch.nn.Module], config: Config) -> int:
-    """Overwrite every parameter of ``modules`` (this rank's model chunks, before wrapping in
-    DDP) with its shard of a layout-independent draw. Returns the number of tensors set."""
+def fill_from_global_(modules: Iterable[torch.nn.Module], full_tensor: FullTensorFn) -> int:
+    """Set every parameter of ``modules`` (this rank's chunks) to its shard of the global tensor
+    that ``full_tensor(global_name, global_shape)`` returns. Works for any TP/PP layout, since
+    the shard offsets come from Megatron's own sharded_state_dict. Returns the tensors set."""
     count = 0
     for module in modules:
         for sharded in _sharded_tensors(module):
-            n = sharded.prepend_axis_num  # stacked-layer axes: their offset is the layer index
-            name = f"{sharded.key}@{tuple(sharded.global_offset[:n])}"
-            seed = (config.train.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-            full = _full_tensor(sharded.key, tuple(sharded.global_shape[n:]), seed, config)
-            index = tuple(
-                slice(offset, offset + size)
-                for offset, size in zip(sharded.global_offset[n:], sharded.local_shape)
-            )
-            shard = full[index]
-            if shard.shape != sharded.data.shape:
-                raise RuntimeError(f"{sharded.key}: shard {tuple(shard.shape)} does not fit the "
-                                   f"local parameter {tuple(sharded.data.shape)}")
-            sharded.data.copy_(shard)
+            n = sharded.prepend_axis_num
+            name, shape = layer_key(sharded), tuple(sharded.global_shape[n:])
+            full = full_tensor(name, shape)
+            if tuple(full.shape) != shape:
+                raise ValueError(f"{name}: source tensor has shape {tuple(full.shape)}, the model "
+                                 f"expects {shape}")
+            index = tuple(slice(o, o + size)
+                          for o, size in zip(sharded.global_offset[n:], sharded.local_shape))
+            sharded.data.copy_(full[index])
             count += 1
     return count
+
+
+def layout_invariant_init_(modules: Iterable[torch.nn.Module], config: Config) -> int:
+    """Overwrite every parameter of ``modules`` (this rank's model chunks, before wrapping in
+    DDP) with its shard of a draw seeded by the parameter's global name. Returns the count."""
+
+    def draw(name: str, shape: Tuple[int, ...]) -> torch.Tensor:
+        seed = (config.train.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+        return _full_tensor(name, shape, seed, config)
+
+    return fill_from_global_(modules, draw)

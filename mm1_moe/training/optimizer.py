@@ -56,7 +56,8 @@ def build_optimizer(config: Config, ddp_chunks: List[torch.nn.Module], num_param
         init_lr=0.0,
         max_lr=lr,
         min_lr=lr * tr.min_lr_ratio,
-        lr_warmup_steps=min(tr.warmup_steps, tr.steps),
+        # Megatron asserts warm-up < decay steps; a run shorter than its warm-up still works.
+        lr_warmup_steps=min(tr.warmup_steps, tr.steps - 1),
         lr_decay_steps=tr.steps,
         lr_decay_style="cosine",
         start_wd=wd,

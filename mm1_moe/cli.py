@@ -1,0 +1,110 @@
+"""``mm1-moe``: the command line.
+
+  mm1-moe train [--config YAML] [dotted.key=value ...]    train (also under torchrun)
+  mm1-moe info  --config YAML [--tp N --pp N --ep N --dp N] [--json] [--family]
+
+Without ``--config``, ``train`` runs the embedded default (``configs/default.yaml``, shipped in
+the package as ``mm1_moe/default.yaml``): a tiny run on CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import List, Optional
+
+from .config import ConfigError, dump_config, load_config
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.yaml")
+FAMILY = ("mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe", "mm1-7b-moe")
+
+
+def _train(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # no C++ compile on first use on CPU
+    # Megatron warns at import that Apex/Transformer Engine are absent; we use neither on purpose
+    # (torch's optimizers and norms, our kernels): keep the console for the training log.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    from .training.loop import StepLog, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        out = config.train.output_dir
+        dump_config(config, os.path.join(out, "config.yaml"))
+        print(f"mm1-moe train: {config.model.name}, {config.train.steps} steps, resolved config "
+              f"written to {os.path.join(out, 'config.yaml')}", flush=True)
+
+    def log(entry: StepLog) -> None:
+        if entry.step % config.train.log_interval == 0 or entry.step == config.train.steps:
+            print(f"step {entry.step:5d}/{config.train.steps}  loss {entry.loss:.4f}  "
+                  f"grad_norm {entry.grad_norm:.3f}  lr {entry.lr:.2e}  "
+                  f"tokens/s {entry.tokens_per_s:,.0f}", flush=True)
+
+    result = train(config, log=log)
+    if rank == 0 and result.steps:
+        first, last = result.losses[0], result.losses[-1]
+        print(f"done: loss {first:.4f} -> {last:.4f} over {len(result.steps)} steps", flush=True)
+    return 0
+
+
+def _repo_configs_dir() -> Optional[str]:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "configs")
+    return path if os.path.isdir(path) else None
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import family_table, format_report, info_report
+
+    if args.family:
+        folder = args.configs_dir or _repo_configs_dir()
+        if folder is None:
+            raise ConfigError("--family needs --configs-dir (the folder with mm1-*.yaml)")
+        rows = [(n, load_config(os.path.join(folder, f"{n}.yaml"))) for n in FAMILY]
+        print(family_table(rows))
+        return 0
+    if not args.config:
+        raise ConfigError("info needs --config YAML (or --family)")
+    config = load_config(args.config, args.overrides)
+    report = info_report(config, tp=args.tp, pp=args.pp, ep=args.ep, dp=args.dp)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm1-moe", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (single process or under torchrun)")
+    train.add_argument("--config", help="YAML config (default: the embedded tiny default run)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    train.set_defaults(func=_train)
+
+    info = sub.add_parser("info", help="parameters, FLOPs per token and memory per GPU")
+    info.add_argument("--config", help="YAML config")
+    info.add_argument("--tp", type=int, help="tensor parallel size (default: the config's)")
+    info.add_argument("--pp", type=int, help="pipeline parallel size (default: the config's)")
+    info.add_argument("--ep", type=int, help="expert parallel size (default: the config's)")
+    info.add_argument("--dp", type=int, default=1, help="data parallel size (default 1)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--family", action="store_true", help="print the MM1 family table")
+    info.add_argument("--configs-dir", help="folder of the family configs (for --family)")
+    info.add_argument("overrides", nargs="*", help="dotted overrides")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"mm1-moe {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Hugging Face ``LlamaForCausalLM`` <-> our Megatron decoder.
+
+Name map (HF -> ours, per layer i; D width, hd head dim, g KV groups, q = heads / g):
+  model.embed_tokens.weight                   -> embedding.word_embeddings.weight (vocab padded)
+  model.layers.i.input_layernorm.weight       -> decoder.layers.i.input_layernorm.weight
+  model.layers.i.self_attn.{q,k,v}_proj       -> decoder.layers.i.self_attention.linear_qkv.weight
+      Megatron interleaves per KV group: rows [q heads of group 0, k0, v0, q heads of group 1, ...]
+      so a tensor-parallel split keeps whole groups: [(g * (q + 2)) * hd, D].
+  model.layers.i.self_attn.o_proj             -> decoder.layers.i.self_attention.linear_proj.weight
+  model.layers.i.post_attention_layernorm     -> decoder.layers.i.pre_mlp_layernorm.weight
+  model.layers.i.mlp.{gate,up}_proj           -> decoder.layers.i.mlp.linear_fc1.weight ([gate; up])
+  model.layers.i.mlp.down_proj                -> decoder.layers.i.mlp.linear_fc2.weight
+  model.norm.weight                           -> decoder.final_layernorm.weight
+  lm_head.weight                              -> output_layer.weight (vocab padded)
+
+Every tensor is accounted for: a missing, unexpected or mis-shaped one raises ``InteropError``
+naming it; nothing is left at its random init. Loading goes through Megatron's sharded state
+dict, so any TP/PP layout loads the same checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Mapping
+
+import torch
+
+from ..config import Config
+from ..models.init import fill_from_global_
+
+
+class InteropError(ValueError):
+    """A checkpoint that does not match the model; the message names the tensor."""
+
+
+def llama_config(config: Config):
+    """The ``transformers.LlamaConfig`` with the same architecture as our decoder."""
+    from transformers import LlamaConfig
+
+    dec = config.model.decoder
+    return LlamaConfig(
+        vocab_size=dec.vocab_size,
+        hidden_size=dec.hidden_size,
+        intermediate_size=dec.ffn_hidden_size,
+        num_hidden_layers=dec.num_layers,
+        num_attention_heads=dec.num_attention_heads,
+        num_key_value_heads=dec.kv_heads,
+        head_dim=dec.head_dim,
+        max_position_embeddings=dec.max_position_embeddings,
+        rms_norm_eps=dec.norm_eps,
+        rope_theta=dec.rope_theta,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    )
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(shape):
+        raise InteropError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    return tensor
+
+
+def _pad_vocab(name: str, tensor: torch.Tensor, config: Config) -> torch.Tensor:
+    """Pad rows to the padded vocab with zeros (padding ids never occur in data)."""
+    dec = config.model.decoder
+    _check_shape(name, tensor, (dec.vocab_size, dec.hidden_size))
+    pad = dec.padded_vocab_size - dec.vocab_size
+    return torch.cat([tensor, tensor.new_zeros(pad, dec.hidden_size)]) if pad else tensor
+
+
+def _fuse_qkv(prefix: str, hf: Mapping[str, torch.Tensor], config: Config) -> torch.Tensor:
+    dec = config.model.decoder
+    hd, g, D = dec.head_dim, dec.kv_heads, dec.hidden_size
+    q_per_g = dec.num_attention_heads // g
+    q = _check_shape(f"{prefix}.q_proj.weight", hf[f"{prefix}.q_proj.weight"], (g * q_per_g * hd, D))
+    k = _check_shape(f"{prefix}.k_proj.weight", hf[f"{prefix}.k_proj.weight"], (g * hd, D))
+    v = _check_shape(f"{prefix}.v_proj.weight", hf[f"{prefix}.v_proj.weight"], (g * hd, D))
+    groups = [q.view(g, q_per_g * hd, D), k.view(g, hd, D), v.view(g, hd, D)]
+    return torch.cat(groups, dim=1).reshape(-1, D)
+
+
+def _split_qkv(qkv: torch.Tensor, config: Config):
+    dec = config.model.decoder
+    hd, g, D = dec.head_dim, dec.kv_heads, dec.hidden_size
+    q_per_g = dec.num_attention_heads // g
+    grouped = qkv.view(g, (q_per_g + 2) * hd, D)
+    q, k, v = torch.split(grouped, [q_per_g * hd, hd, hd], dim=1)
+    return q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D)
+
+
+def _hf_layer_names(i: int) -> List[str]:
+    p = f"model.layers.{i}"
+    return [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
+            *(f"{p}.self_attn.{n}_proj.weight" for n in "qkvo"),
+            *(f"{p}.mlp.{n}_proj.weight" for n in ("gate", "up", "down"))]
+
+
+def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    """A full (unsharded) state dict in our naming from a Llama state dict. Strict."""
+    dec = config.model.decoder
+    if dec.moe.enabled:
+        raise InteropError("a Llama checkpoint is dense; model.decoder.moe.num_experts must be 0 "
+                           "(upcycle it into an MoE decoder instead)")
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(dec.num_layers):
+        expected.update(_hf_layer_names(i))
+    present = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
+    if present - expected:
+        raise InteropError(f"unexpected tensors in the Llama checkpoint: {sorted(present - expected)[:8]}")
+    if expected - present:
+        raise InteropError(f"tensors missing from the Llama checkpoint: {sorted(expected - present)[:8]}")
+    D, F = dec.hidden_size, dec.ffn_hidden_size
+    out = {
+        "embedding.word_embeddings.weight": _pad_vocab("model.embed_tokens.weight", hf["model.embed_tokens.weight"], config),
+        "output_layer.weight": _pad_vocab("lm_head.weight", hf["lm_head.weight"], config),
+        "decoder.final_layernorm.weight": _check_shape("model.norm.weight", hf["model.norm.weight"], (D,)),
+    }
+    for i in range(dec.num_layers):
+        p, o = f"model.layers.{i}", f"decoder.layers.{i}"
+        out[f"{o}.input_layernorm.weight"] = _check_shape(f"{p}.input_layernorm.weight", hf[f"{p}.input_layernorm.weight"], (D,))
+        out[f"{o}.pre_mlp_layernorm.weight"] = _check_shape(f"{p}.post_attention_layernorm.weight", hf[f"{p}.post_attention_layernorm.weight"], (D,))
+        out[f"{o}.self_attention.linear_qkv.weight"] = _fuse_qkv(f"{p}.self_attn", hf, config)
+        out[f"{o}.self_attention.linear_proj.weight"] = _check_shape(
+            f"{p}.self_attn.o_proj.weight", hf[f"{p}.self_attn.o_proj.weight"], (D, dec.num_attention_heads * dec.head_dim))
+        gate = _check_shape(f"{p}.mlp.gate_proj.weight", hf[f"{p}.mlp.gate_proj.weight"], (F, D))
+        up = _check_shape(f"{p}.mlp.up_proj.weight", hf[f"{p}.mlp.up_proj.weight"], (F, D))
+        out[f"{o}.mlp.linear_fc1.weight"] = torch.cat([gate, up])
+        out[f"{o}.mlp.linear_fc2.weight"] = _check_shape(f"{p}.mlp.down_proj.weight", hf[f"{p}.mlp.down_proj.weight"], (D, F))
+    return out
+
+
+def llama_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`megatron_from_llama` (vocab padding dropped). Strict."""
+    dec = config.model.decoder
+    V = dec.vocab_size
+    try:
+        out = {
+            "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:V],
+            "lm_head.weight": state["output_layer.weight"][:V],
+            "model.norm.weight": state["decoder.final_layernorm.weight"],
+        }
+        for i in range(dec.num_layers):
+            p, o = f"model.layers.{i}", f"decoder.layers.{i}"
+            q, k, v = _split_qkv(state[f"{o}.self_attention.linear_qkv.weight"], config)
+            gate, up = torch.chunk(state[f"{o}.mlp.linear_fc1.weight"], 2)
+            out.update({
+                f"{p}.input_layernorm.weight": state[f"{o}.input_layernorm.weight"],
+                f"{p}.post_attention_layernorm.weight": state[f"{o}.pre_mlp_layernorm.weight"],
+                f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": k,
+                f"{p}.self_attn.v_proj.weight": v,
+                f"{p}.self_attn.o_proj.weight": state[f"{o}.self_attention.linear_proj.weight"],
+                f"{p}.mlp.gate_proj.weight": gate, f"{p}.mlp.up_proj.weight": up,
+                f"{p}.mlp.down_proj.weight": state[f"{o}.mlp.linear_fc2.weight"],
+            })
+    except KeyError as err:
+        raise InteropError(f"tensor {err.args[0]} missing from the decoder state") from None
+    return {k: t.contiguous().clone() for k, t in out.items()}
+
+
+def load_llama_(chunks: Iterable[torch.nn.Module], hf: Mapping[str, torch.Tensor], config: Config) -> int:
+    """Load a Llama state dict into this rank's decoder chunks (any TP/PP layout). Every
+    parameter of the chunks must be found; returns the number of tensors set."""
+    full = megatron_from_llama(hf, config)
+
+    def lookup(name: str, shape) -> torch.Tensor:
+        if name not in full:
+            raise InteropError(f"model tensor {name} has no source in the Llama checkpoint")
+        return full[name]
+
+    return fill_from_global_(chunks, lookup)
