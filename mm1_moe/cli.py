@@ -46,7 +46,11 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config, log=log)
     if rank == 0 and result.steps:
         first, last = result.losses[0], result.losses[-1]
-        print(f"done: loss {first:.4f} -> {last:.4f} over {len(result.steps)} steps", flush=True)
+        from .data import MarkovChain
+
+        floor = MarkovChain.build(config.model.decoder.vocab_size, config.data.seed).entropy_floor()
+        print(f"done: loss {first:.4f} -> {last:.4f} over {len(result.steps)} steps "
+              f"(the generated data's entropy floor is {floor:.4f})", flush=True)
     return 0
 
 

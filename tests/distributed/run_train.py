@@ -1,0 +1,61 @@
+"""Train configs/tiny-dense.yaml (plus dotted overrides) and write rank 0's losses as JSON.
+
+Not a test module (pytest collects ``test_*.py`` only): ``test_parallel_equivalence.py`` runs it
+as a single process for the baseline and under ``torch.distributed.run`` for each layout.
+
+    python tests/distributed/run_train.py [--out PATH] [dotted.key=value ...]
+
+The output path is ``--out`` or the environment variable ``MM1_RESULT``; the JSON object holds
+``losses``, ``grad_norms`` and ``lrs``, one entry per step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+# Before anything imports torch: no C++ compile on first use of fused paths on CPU.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# Megatron warns at import that Apex / Transformer Engine are absent; neither is used.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TransformerEngine).*")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "tiny-dense.yaml")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("MM1_RESULT"),
+                        help="JSON result path (default: $MM1_RESULT)")
+    parser.add_argument("--config", default=CONFIG, help="YAML config (default: tiny-dense)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=4")
+    args = parser.parse_args(argv)
+
+    from mm1_moe.config import load_config
+    from mm1_moe.training.loop import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        payload = {
+            "losses": result.losses,
+            "grad_norms": [s.grad_norm for s in result.steps],
+            "lrs": [s.lr for s in result.steps],
+        }
+        text = json.dumps(payload)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        else:
+            print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
