@@ -31,7 +31,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mm1_moe", "mm1_moe.*"]) + ["mm1_moe.kernels"],
+    packages=find_packages(include=["mm1_moe", "mm1_moe.*"])
+    + ["mm1_moe.kernels"]
+    + [f"mm1_moe.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"mm1_moe.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -61,15 +61,13 @@ def forward_step(device: torch.device, data_iterator, model):
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
-def _count_params(chunks: List[torch.nn.Module]) -> float:
-    """Parameters of the whole model: this rank's count summed over the model-parallel group,
-    once per tensor-parallel shard (replicated norms are counted once per TP rank; fine for LR)."""
-    from megatron.core import parallel_state as ps
+def decoder_param_count(config: Config) -> int:
+    """Parameters of the language model (what MM1's LR law is fitted on): the formula of
+    ``mm1_moe.info``, which the tests check against the built module tree."""
+    from ..info import param_counts
 
-    local = torch.tensor([float(sum(p.numel() for c in chunks for p in c.parameters()))])
-    if dist.get_world_size() > 1:
-        dist.all_reduce(local, group=ps.get_model_parallel_group())
-    return float(local.item())
+    counts = param_counts(config)
+    return counts.decoder_dense + counts.experts + counts.routers
 
 
 def _global_loss(losses: List[Dict[str, torch.Tensor]]) -> float:
@@ -108,7 +106,7 @@ class Trainer:
 
         self.config, self.runtime, self.log = config, runtime, log
         chunks = build_model_chunks(config, on_cpu=runtime.cpu_compat)
-        self.num_params = _count_params(chunks)
+        self.num_params = decoder_param_count(config)
         self.model = wrap_ddp(config, chunks)
         self.optimizer, self.scheduler = build_optimizer(config, self.model, self.num_params)
         _configure_schedule(self.model, self.optimizer)
