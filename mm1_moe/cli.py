@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .config import ConfigError, dump_config, load_config
+from .config import ConfigError, load_config
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.yaml")
 FAMILY = ("mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe", "mm1-7b-moe")
@@ -26,16 +26,14 @@ def _train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # no C++ compile on first use on CPU
     # Megatron warns at import that Apex/Transformer Engine are absent; we use neither on purpose
     # (torch's optimizers and norms, our kernels): keep the console for the training log.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     from .training.loop import StepLog, train
 
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        out = config.train.output_dir
-        dump_config(config, os.path.join(out, "config.yaml"))
         print(f"mm1-moe train: {config.model.name}, {config.train.steps} steps, resolved config "
-              f"written to {os.path.join(out, 'config.yaml')}", flush=True)
+              f"in {os.path.join(config.train.output_dir, 'config.yaml')}", flush=True)
 
     def log(entry: StepLog) -> None:
         if entry.step % config.train.log_interval == 0 or entry.step == config.train.steps:

@@ -9,6 +9,7 @@ text stream; images, the MM1 mixture, checkpoints and metrics files extend this 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config
+from ..config import Config, dump_config
 from ..data import SyntheticTextBatches
 from ..models.builder import build_model_chunks, wrap_ddp
 from ..runtime import Runtime, initialize, shutdown
@@ -26,6 +27,8 @@ from .optimizer import build_optimizer
 
 @dataclass
 class StepLog:
+    """One optimizer step: ``lr`` is the learning rate that step trained with."""
+
     step: int
     loss: float
     grad_norm: float
@@ -135,14 +138,17 @@ class Trainer:
             micro_batch_size=self.config.train.micro_batch_size,
             forward_only=False,
         )
-        _, grad_norm, _ = self.optimizer.step()
+        # Advance the schedule first, so step s trains at lr(s): step 1 at peak/warmup (not 0,
+        # as Megatron-LM's order gives), the last step at the cosine's floor.
         self.scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
         self.step_index += 1
         elapsed = time.perf_counter() - start
         tokens = self.config.train.global_batch_size * self.config.data.seq_length
         entry = StepLog(self.step_index, _global_loss(losses),
                         float(grad_norm) if grad_norm is not None else math.nan,
-                        self.optimizer.param_groups[0]["lr"], tokens / elapsed)
+                        lr, tokens / elapsed)
         if self.log is not None:
             self.log(entry)
         return entry
@@ -153,6 +159,8 @@ def train(config: Config, log: Optional[Callable[[StepLog], None]] = None) -> Tr
     log (identical on every rank)."""
     runtime = initialize(config)
     try:
+        if runtime.is_main:  # after start-up: a layout that cannot start leaves no files
+            dump_config(config, os.path.join(config.train.output_dir, "config.yaml"))
         trainer = Trainer(config, runtime, log if runtime.is_main else None)
         result = TrainResult()
         for _ in range(config.train.steps):
