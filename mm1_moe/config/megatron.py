@@ -18,7 +18,15 @@ def decoder_transformer_config(config: Config, use_cpu_initialization: bool = Fa
 
     dec, par = config.model.decoder, config.parallel
     dtype = DTYPES[config.train.dtype]
+    moe = {}
+    if dec.moe.enabled:
+        # Megatron needs the expert count to build expert-parallel groups and to scale MoE
+        # losses in its schedules; the MoE layer itself is ours (mm1_moe.moe.MoELayer).
+        moe = dict(num_moe_experts=dec.moe.num_experts, moe_router_topk=dec.moe.top_k,
+                   moe_ffn_hidden_size=dec.moe.expert_ffn_hidden_size or dec.ffn_hidden_size,
+                   moe_router_dtype="fp32")
     return TransformerConfig(
+        **moe,
         num_layers=dec.num_layers,
         hidden_size=dec.hidden_size,
         num_attention_heads=dec.num_attention_heads,

@@ -58,6 +58,9 @@ class MoEConfig:
     """FFN width of one expert; defaults to the dense ``ffn_hidden_size``."""
     router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
     """softmax over all experts then top-k (MM1/ST-MoE), or top-k logits then softmax (Mixtral)."""
+    normalize_topk: bool = False
+    """softmax_topk only: rescale the K selected probabilities to sum to 1 (as upcycled models
+    need for function preservation)."""
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.001
     capacity_factor: Optional[float] = None
@@ -135,8 +138,9 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None
     """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
     expert_parallel: int = 1
-    expert_tensor_parallel: Optional[int] = None
-    """Tensor parallelism inside experts; None follows ``tensor_parallel``."""
+    expert_tensor_parallel: int = 1
+    """Tensor parallelism inside experts. The MoE layer keeps whole experts per rank (1); with
+    tensor_parallel > 1 each TP rank runs the MoE on its own copy of the tokens."""
     sequence_parallel: bool = False
 
 
@@ -176,6 +180,9 @@ class KernelsConfig:
     attention: Literal["local"] = "local"
     """Core attention of the decoder and ViT specs. local: Megatron-core's DotProductAttention
     (the only backend so far; our Triton kernel and SDPA join this switch when they land)."""
+    moe: Literal["triton", "torch"] = "triton"
+    """MoE router/dispatch/combine/expert GEMMs: our Triton kernels (interpreted on CPU) or their
+    plain-torch references."""
 
 
 @dataclass

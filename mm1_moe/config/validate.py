@@ -127,9 +127,9 @@ def _check_parallel(config: Config, errors: List[str]) -> None:
                           f"parallel.pipeline_parallel > 1 (is {par.pipeline_parallel})")
     if par.sequence_parallel and par.tensor_parallel == 1:
         errors.append("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
-    if par.expert_tensor_parallel is not None and par.expert_tensor_parallel < 1:
-        errors.append(f"parallel.expert_tensor_parallel ({par.expert_tensor_parallel}) "
-                      "must be >= 1")
+    if par.expert_tensor_parallel != 1:
+        errors.append(f"parallel.expert_tensor_parallel ({par.expert_tensor_parallel}) must be 1: "
+                      "the MoE layer keeps whole experts on each rank")
 
 
 def _check_train(config: Config, errors: List[str]) -> None:
@@ -186,7 +186,7 @@ def validate_layout(config: Config, world_size: int) -> int:
     dp = data_parallel_size(config, world_size)
     par, tr = config.parallel, config.train
     errors = []
-    etp = par.expert_tensor_parallel or par.tensor_parallel
+    etp = par.expert_tensor_parallel
     expert_ranks = par.expert_parallel * etp * par.pipeline_parallel
     if world_size % expert_ranks:
         errors.append(

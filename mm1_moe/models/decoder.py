@@ -25,7 +25,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..moe.layer import MoELayer
 
 CORE_ATTENTION = {"local": DotProductAttention}
 
@@ -53,14 +54,19 @@ def dense_mlp_spec() -> ModuleSpec:
     )
 
 
+def moe_mlp_spec(config: Config) -> ModuleSpec:
+    """Our MoE FFN (route -> dispatch -> experts -> combine) in the layer's ``mlp`` slot."""
+    moe = config.model.decoder.moe
+    return ModuleSpec(
+        module=MoELayer,
+        params={"moe": moe, "kernels": config.kernels.moe,
+                "ffn_hidden_size": moe.expert_ffn_hidden_size or config.model.decoder.ffn_hidden_size},
+    )
+
+
 def decoder_layer_spec(config: Config, layer_index: int) -> ModuleSpec:
     """The spec of global decoder layer ``layer_index`` (dense or MoE FFN)."""
-    if config.model.decoder.is_moe_layer(layer_index):
-        raise ConfigError(
-            f"model.decoder.moe.num_experts ({config.model.decoder.moe.num_experts}): decoder "
-            f"layer {layer_index} is an MoE layer, and this release builds dense decoders only "
-            "(the MoE layer is not part of it yet). Set model.decoder.moe.num_experts=0."
-        )
+    moe_layer = config.model.decoder.is_moe_layer(layer_index)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -68,7 +74,7 @@ def decoder_layer_spec(config: Config, layer_index: int) -> ModuleSpec:
             self_attention=attention_spec(config),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=dense_mlp_spec(),
+            mlp=moe_mlp_spec(config) if moe_layer else dense_mlp_spec(),
             mlp_bda=get_bias_dropout_add,
         ),
     )

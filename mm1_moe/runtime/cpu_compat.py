@@ -106,6 +106,23 @@ PATCHED_CALL_SITES: Dict[str, Tuple[str, ...]] = {
         "get_default_causal_mask",
         "get_sliding_window_causal_mask",
     ),
+    "megatron.core.transformer.moe.token_dispatcher": (
+        "MoEAlltoAllTokenDispatcher.__init__",
+        "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+    ),
+    "megatron.core.transformer.moe.router": (
+        "Router.gating",
+        "TopKRouter.__init__",
+    ),
+    "megatron.core.transformer.moe.moe_utils": (
+        "maybe_move_tensor_to_cpu",
+        "track_moe_metrics",
+    ),
+    "megatron.core.transformer.moe.experts": (
+        "GroupedMLP.__init__",
+    ),
+    "megatron.core.transformer.moe.moe_layer": (
+    ),
 }
 
 _FACTORIES = (
@@ -144,9 +161,46 @@ class _CudaOnCpu:
     def synchronize(*_args: Any, **_kwargs: Any) -> None:
         """CPU ops complete before they return: nothing to wait for."""
 
+    class Stream:
+        """CPU ops run in issue order: a stream is a no-op that keeps the call sites' API
+        (``wait_stream``, ``record_event``, ``synchronize``)."""
+
+        def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+            pass
+
+        def wait_stream(self, _other: Any) -> None:
+            pass
+
+        def wait_event(self, _event: Any) -> None:
+            pass
+
+        def record_event(self, _event: Any = None) -> "_CudaOnCpu.Event":
+            return _CudaOnCpu.Event()
+
+        def synchronize(self) -> None:
+            pass
+
+    class Event:
+        """A CPU event is complete the moment it is recorded."""
+
+        def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+            pass
+
+        def record(self, _stream: Any = None) -> None:
+            pass
+
+        def wait(self, _stream: Any = None) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return True
+
     @staticmethod
-    def current_stream(*_args: Any, **_kwargs: Any) -> None:
-        return None
+    def current_stream(*_args: Any, **_kwargs: Any) -> "_CudaOnCpu.Stream":
+        return _CudaOnCpu.Stream()
 
     @staticmethod
     def stream(_stream: Any = None) -> contextlib.AbstractContextManager:

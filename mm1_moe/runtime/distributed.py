@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError, validate_layout
 from .cpu_compat import apply_cpu_compat, needs_cpu_compat
+from .megatron_fixes import apply_megatron_fixes
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def initialize(config: Config, timeout_minutes: int = 30) -> Runtime:
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     dp = validate_layout(config, world)
+    apply_megatron_fixes()
     on_gpu = not needs_cpu_compat()
     if not on_gpu and config.train.dtype == "bf16":
         raise ConfigError(

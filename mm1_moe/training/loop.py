@@ -21,19 +21,23 @@ import torch.distributed as dist
 from ..config import Config, dump_config
 from ..data import SyntheticTextBatches
 from ..models.builder import build_model_chunks, wrap_ddp
+from ..moe.layer import MoELayer, MoEMetrics
 from ..runtime import Runtime, initialize, shutdown
 from .optimizer import build_optimizer
 
 
 @dataclass
 class StepLog:
-    """One optimizer step: ``lr`` is the learning rate that step trained with."""
+    """One optimizer step: ``lr`` is the learning rate that step trained with; ``moe`` maps each
+    MoE layer (global, 1-based, as Megatron numbers them) to its routing statistics over the
+    step's tokens (filled on logging steps)."""
 
     step: int
     loss: float
     grad_norm: float
     lr: float
     tokens_per_s: float
+    moe: Dict[int, Dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,8 +63,10 @@ def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 def forward_step(device: torch.device, data_iterator, model):
     """Megatron ``forward_step_func``: one micro-batch through this stage's chunk."""
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    # padding_mask [B, S] reaches every MoE layer: routing statistics and auxiliary losses
+    # count the tokens that carry loss (not image placeholders, not padding).
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None,
-                   labels=batch["labels"])
+                   labels=batch["labels"], padding_mask=batch["loss_mask"] > 0)
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
@@ -86,6 +92,33 @@ def _global_loss(losses: List[Dict[str, torch.Tensor]]) -> float:
     if dist.get_world_size() > 1:
         dist.all_reduce(values)
     return float(values[0] / values[1])
+
+
+def gather_moe_metrics(layers: List[MoELayer]) -> Dict[int, Dict[str, float]]:
+    """Each MoE layer's statistics over the step, with expert loads summed over the
+    data-parallel ranks (distinct tokens), collected from every pipeline stage. Collective:
+    every rank calls it."""
+    from megatron.core import parallel_state as ps
+
+    local: Dict[int, Dict[str, float]] = {}
+    for layer in layers:
+        metrics = layer.metrics.read()
+        if metrics is None:
+            continue
+        counts = metrics.tokens_per_expert_E.clone()
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        local[int(layer.layer_number)] = MoEMetrics(counts, metrics.dropped, metrics.aux_loss,
+                                                    metrics.z_loss).summary()
+    if dist.get_world_size() == 1:
+        return local
+    gathered: List[Dict[int, Dict[str, float]]] = [None] * dist.get_world_size()  # type: ignore
+    dist.all_gather_object(gathered, local)
+    merged: Dict[int, Dict[str, float]] = {}
+    for part in gathered:
+        for number, stats in part.items():
+            merged.setdefault(number, stats)
+    return dict(sorted(merged.items()))
 
 
 def _configure_schedule(chunks, optimizer) -> None:
@@ -119,6 +152,8 @@ class Trainer:
             tr.micro_batch_size, ps.get_data_parallel_rank(), runtime.data_parallel_size,
         )
         self.step_index = 0
+        self.moe_layers = [m for chunk in self.model for m in chunk.modules()
+                           if isinstance(m, MoELayer)]
 
     def train_step(self) -> StepLog:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -128,6 +163,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro = list(self.data.next_step())
+        for layer in self.moe_layers:  # aux-loss gradients scaled as the LM loss is
+            layer.aux_loss_scale = 1.0 / len(micro)
         iterators = [iter(micro) for _ in self.model]
         losses = get_forward_backward_func()(
             forward_step_func=partial(forward_step, self.runtime.device),
@@ -149,6 +186,12 @@ class Trainer:
         entry = StepLog(self.step_index, _global_loss(losses),
                         float(grad_norm) if grad_norm is not None else math.nan,
                         lr, tokens / elapsed)
+        log_step = self.step_index % self.config.train.log_interval == 0
+        if log_step or self.step_index == self.config.train.steps:
+            entry.moe = gather_moe_metrics(self.moe_layers)
+        else:
+            for layer in self.moe_layers:
+                layer.metrics.reset()
         if self.log is not None:
             self.log(entry)
         return entry

@@ -352,8 +352,8 @@ RULES = [
      "parallel.virtual_pipeline (2) needs parallel.pipeline_parallel > 1 (is 1)"),
     ("sp-needs-tp", ["parallel.sequence_parallel=true"],
      "parallel.sequence_parallel needs parallel.tensor_parallel > 1"),
-    ("etp>=1", ["parallel.expert_tensor_parallel=0"],
-     "parallel.expert_tensor_parallel (0) must be >= 1"),
+    ("etp==1", ["parallel.expert_tensor_parallel=2"],
+     "parallel.expert_tensor_parallel (2) must be 1: the MoE layer keeps whole experts"),
     # decoder sizes
     *[(f"{name}>=1", [f"model.decoder.{name}=0"], f"model.decoder.{name} (0) must be >= 1")
       for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -604,14 +604,13 @@ def test_expert_ranks_must_divide_the_world():
                            4) == 4
 
 
-def test_expert_tensor_parallel_defaults_to_tensor_parallel():
+def test_expert_ranks_must_divide_the_world():
     base = ["parallel.tensor_parallel=2", "parallel.expert_parallel=4",
             "train.micro_batch_size=1"]
-    with raises("world size (4) is not divisible by parallel.expert_parallel (4) x "
-                "expert tensor parallel (2) x parallel.pipeline_parallel (1)"):
-        validate_layout(tiny_moe(*base), 4)
-    assert validate_layout(tiny_moe(*base, "parallel.expert_tensor_parallel=1"), 4) == 2
-    assert validate_layout(tiny_moe(*base), 8) == 4
+    assert validate_layout(tiny_moe(*base), 4) == 2
+    with raises("world size (2) is not divisible by parallel.expert_parallel (4) x "
+                "expert tensor parallel (1) x parallel.pipeline_parallel (1)"):
+        validate_layout(tiny_moe(*base), 2)
 
 
 def test_layout_errors_are_reported_together():

@@ -1,0 +1,61 @@
+"""The MoE hot path's ops, from our Triton kernels or from their plain-torch references.
+
+``kernels.moe: triton`` (the default) runs ``mm1_moe.kernels`` (compiled on GPUs, interpreted on
+CPU); ``kernels.moe: torch`` runs ``mm1_moe.kernels.reference``, for debugging and as the
+baseline. Both return the same records (``RouterOutput``, ``DispatchMeta``), so the layer never
+knows which ran. Modules never import triton: they call these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..kernels.combine import combine as _combine_triton
+from ..kernels.dispatch import DispatchMeta
+from ..kernels.dispatch import dispatch as _dispatch_triton
+from ..kernels.dispatch import dispatch_metadata as _metadata_triton
+from ..kernels.experts import swiglu_experts as _swiglu_triton
+from ..kernels.reference.dispatch import combine_ref, dispatch_metadata_ref, dispatch_ref
+from ..kernels.reference.experts import swiglu_experts_reference
+from ..kernels.reference.router import router_reference
+from ..kernels.router import RouterOutput
+from ..kernels.router import router as _router_triton
+
+__all__ = ["MoEOps", "DispatchMeta", "RouterOutput", "moe_ops"]
+
+
+def _router_torch(logits_TE, k, order, normalize=False, token_mask_T=None) -> RouterOutput:
+    weights, ids, counts, aux, z = router_reference(logits_TE, k, order, normalize, token_mask_T)
+    keep = torch.ones_like(ids[:, 0], dtype=torch.bool) if token_mask_T is None else token_mask_T
+    stat = torch.bincount(ids[keep].reshape(-1), minlength=logits_TE.shape[1])
+    return RouterOutput(weights, ids.to(torch.int32), counts.to(torch.int32), aux, z,
+                        stat.to(torch.int32), keep.sum())
+
+
+@dataclass(frozen=True)
+class MoEOps:
+    """One backend's five ops (signatures as in ``mm1_moe.kernels``)."""
+
+    name: str
+    router: Callable[..., RouterOutput]
+    dispatch_metadata: Callable[..., DispatchMeta]
+    dispatch: Callable[[torch.Tensor, DispatchMeta], torch.Tensor]
+    combine: Callable[[torch.Tensor, Optional[torch.Tensor], DispatchMeta], torch.Tensor]
+    swiglu_experts: Callable[..., torch.Tensor]
+
+
+_BACKENDS = {
+    "triton": MoEOps("triton", _router_triton, _metadata_triton, _dispatch_triton,
+                     _combine_triton, _swiglu_triton),
+    "torch": MoEOps("torch", _router_torch, dispatch_metadata_ref, dispatch_ref, combine_ref,
+                    swiglu_experts_reference),
+}
+
+
+def moe_ops(name: str) -> MoEOps:
+    if name not in _BACKENDS:
+        raise ValueError(f"kernels.moe ({name!r}) must be one of {sorted(_BACKENDS)}")
+    return _BACKENDS[name]

@@ -1,0 +1,68 @@
+"""Grouped SwiGLU experts: all of this rank's experts in one grouped GEMM per projection.
+
+Shapes: N rows (expert-sorted), D width, F expert FFN width, e local experts.
+  w1_eDF2: [gate | up] along the last dim; w2_eFD. Expert ``i`` of this rank is global expert
+  ``ep_rank * e + i``; the sharded state dict says so, so checkpoints reshard across EP sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .backend import MoEOps
+
+
+def _scale_grad(factor: float):
+    return lambda grad: grad * factor
+
+
+class GroupedSwiGLUExperts(torch.nn.Module):
+    def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
+                 ops: MoEOps, params_dtype: torch.dtype = torch.float32, init_std: float = 0.02,
+                 num_layers: int = 1, ep_rank: int = 0, ep_size: int = 1,
+                 duplicate_factor: int = 1):
+        """``duplicate_factor``: how many ranks of one expert-data-parallel group hold the same
+        tokens. Without sequence parallelism every tensor-parallel rank routes the same tokens,
+        and Megatron's DDP sums expert grads over a group that counts each token that many
+        times (it scales by 1 / data-parallel size only): the hook divides it back out."""
+        super().__init__()
+        e, D, F = num_local_experts, hidden_size, ffn_hidden_size
+        self.ops, self.ep_rank, self.ep_size = ops, ep_rank, ep_size
+        self.w1 = torch.nn.Parameter(torch.empty(e, D, 2 * F, dtype=params_dtype))
+        self.w2 = torch.nn.Parameter(torch.empty(e, F, D, dtype=params_dtype))
+        torch.nn.init.normal_(self.w1, 0.0, init_std)
+        # Output projection of a residual branch: Megatron's scaled init, std / sqrt(2 L).
+        torch.nn.init.normal_(self.w2, 0.0, init_std / math.sqrt(2.0 * num_layers))
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        for p in (self.w1, self.w2):
+            p.allreduce = False  # Megatron DDP: reduce over the expert-data-parallel group
+            # Not a copy of another tensor-parallel rank's tensor (each holds its own experts):
+            # without this, Megatron's grad norm skips the experts of TP ranks other than 0.
+            set_tensor_model_parallel_attributes(p, True, 0, 1)
+            if duplicate_factor > 1:
+                p.register_hook(_scale_grad(1.0 / duplicate_factor))
+
+    def forward(self, x_ND: torch.Tensor, offsets_e1: torch.Tensor,
+                row_scale_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.ops.swiglu_experts(x_ND, self.w1, self.w2, offsets_e1, None, row_scale_N)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """Expert weights as slices [ep_rank * e, (ep_rank + 1) * e) of global [E, ...] tensors
+        (after any stacked-layer axes Megatron prepends)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        replica = (0, 0, ps.get_expert_data_parallel_rank())
+        axis = len(sharded_offsets)
+        return {
+            f"{prefix}{name}": ShardedTensor.from_rank_offsets(
+                f"{prefix}{name}", param, *sharded_offsets,
+                (axis, self.ep_rank, self.ep_size), replica_id=replica,
+                prepend_axis_num=axis)
+            for name, param in (("w1", self.w1), ("w2", self.w2))
+        }

@@ -1,0 +1,148 @@
+"""The MoE FFN as a Megatron-core MLP submodule: route -> dispatch -> experts -> combine.
+
+Shapes: S sequence, B batch, T = S*B tokens, D width, E experts, e local experts, K top-k.
+
+Plugs into a ``TransformerLayer`` spec as ``mlp`` (see ``mm1_moe/models/decoder.py``); Megatron's
+own ``MoELayer`` is not forked. The auxiliary losses (load balance x aux_loss_coeff, router
+z-loss x z_loss_coeff) join the backward through ``AuxLossInjector`` on the layer output, scaled
+by ``aux_loss_scale`` (the trainer sets 1 / micro-batches, as Megatron scales the LM loss).
+Routing statistics cover real tokens only: Megatron passes ``padding_mask`` ([B, S], True for
+tokens to count) down from ``GPTModel.forward``; image placeholders and padding are False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import MoEConfig
+from .backend import RouterOutput, moe_ops
+from .dispatcher import AllToAllDispatcher, DispatchState, LocalDispatcher
+from .experts import GroupedSwiGLUExperts
+from .router import TopKRouter
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on ``output``; in the backward, gives ``aux_loss`` the gradient ``scale``, so the
+    auxiliary losses train the router without being added to the returned LM loss."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+@dataclass(frozen=True)
+class MoEMetrics:
+    """Routing statistics of one layer over the forwards since the last read."""
+
+    tokens_per_expert_E: torch.Tensor  # rows each expert received from real tokens
+    dropped: int  # routed slots dropped by the capacity limit
+    aux_loss: float  # load-balancing loss (before its coefficient), mean over forwards
+    z_loss: float  # router z-loss (before its coefficient), mean over forwards
+
+    def summary(self) -> Dict[str, float]:
+        """min, max and coefficient of variation of tokens per expert, dropped, aux, z."""
+        counts = self.tokens_per_expert_E.double()
+        mean = counts.mean()
+        cv = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
+        return {"load_min": float(counts.min()), "load_max": float(counts.max()),
+                "load_cv": cv, "dropped": float(self.dropped), "aux_loss": self.aux_loss,
+                "z_loss": self.z_loss}
+
+
+class _MetricsAccumulator:
+    """Sums statistics on the device across micro-batches; nothing syncs until ``read``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts, self.aux, self.z, self.dropped, self.forwards = None, 0.0, 0.0, 0, 0
+
+    def add(self, route: RouterOutput, dropped: int) -> None:
+        counts = route.stat_counts_E.detach().to(torch.int64)
+        self.counts = counts if self.counts is None else self.counts + counts
+        self.aux = self.aux + route.aux_loss.detach()
+        self.z = self.z + route.z_loss.detach()
+        self.dropped += int(dropped)
+        self.forwards += 1
+
+    def read(self) -> Optional[MoEMetrics]:
+        if not self.forwards:
+            return None
+        n = self.forwards
+        out = MoEMetrics(self.counts, self.dropped, float(self.aux) / n, float(self.z) / n)
+        self.reset()
+        return out
+
+
+class MoELayer(MegatronModule):
+    """Top-k routed SwiGLU experts, sharded over the expert-parallel group."""
+
+    def __init__(self, config: TransformerConfig, moe: MoEConfig, kernels: str = "triton",
+                 ffn_hidden_size: Optional[int] = None, submodules=None, layer_number=None,
+                 pg_collection=None, tp_group=None):
+        super().__init__(config=config)
+        from megatron.core import parallel_state as ps
+
+        self.moe, self.layer_number = moe, layer_number
+        ops = moe_ops(kernels)
+        ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        self.router = TopKRouter(config.hidden_size, moe, ops, torch.float32, config.init_method_std)
+        self.experts = GroupedSwiGLUExperts(
+            moe.num_experts // ep, config.hidden_size, ffn_hidden_size or config.ffn_hidden_size,
+            ops, config.params_dtype, config.init_method_std, config.num_layers, ep_rank, ep,
+            duplicate_factor=1 if config.sequence_parallel else config.tensor_model_parallel_size)
+        if ep > 1:
+            self.dispatcher = AllToAllDispatcher(moe.num_experts, ops,
+                                                 ps.get_expert_model_parallel_group(),
+                                                 moe.capacity_factor)
+        else:
+            self.dispatcher = LocalDispatcher(moe.num_experts, ops, moe.capacity_factor)
+        self.aux_loss_scale = 1.0
+        self.metrics = _MetricsAccumulator()
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    # --- the four stages -------------------------------------------------------------------
+    def route(self, x_TD: torch.Tensor, token_mask_T: Optional[torch.Tensor]) -> RouterOutput:
+        return self.router(x_TD, token_mask_T)
+
+    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> Tuple[torch.Tensor, DispatchState]:
+        return self.dispatcher.dispatch(x_TD, route)
+
+    def run_experts(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return self.experts(x_ND, state.offsets_e1)
+
+    def combine(self, y_ND: torch.Tensor, route: RouterOutput, state: DispatchState) -> torch.Tensor:
+        return self.dispatcher.combine(y_ND, route.weights_TK, state)
+
+    # ---------------------------------------------------------------------------------------
+    def forward(self, hidden_SBD: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                **_unused):
+        S, B, D = hidden_SBD.shape
+        x_TD = hidden_SBD.reshape(S * B, D)
+        token_mask_T = None
+        if padding_mask is not None:  # [B, S], True = a real token; tokens are S-major
+            token_mask_T = padding_mask.transpose(0, 1).reshape(-1).bool()
+        route = self.route(x_TD, token_mask_T)
+        x_ND, state = self.dispatch(x_TD, route)
+        y_ND = self.run_experts(x_ND, state)
+        out_TD = self.combine(y_ND, route, state).to(hidden_SBD.dtype)
+        aux = self.moe.aux_loss_coeff * route.aux_loss + self.moe.z_loss_coeff * route.z_loss
+        if self.training and aux.requires_grad:
+            out_TD = AuxLossInjector.apply(out_TD, aux, float(self.aux_loss_scale))
+        self.metrics.add(route, state.meta.num_dropped)
+        return out_TD.view(S, B, D), None
