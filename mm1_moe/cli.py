@@ -72,8 +72,26 @@ def _info(args: argparse.Namespace) -> int:
         raise ConfigError("info needs --config YAML (or --family)")
     config = load_config(args.config, args.overrides)
     report = info_report(config, tp=args.tp, pp=args.pp, ep=args.ep, dp=args.dp)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    report["decoder_module_tree"] = _module_tree_check(config, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        tree = report["decoder_module_tree"]
+        print(format_report(report))
+        print(f"decoder params from the built module tree: {tree['total']:,} "
+              f"({'equals' if tree['matches_formula'] else 'DIFFERS FROM'} the formula)")
+    return 0 if report["decoder_module_tree"]["matches_formula"] else 1
+
+
+def _module_tree_check(config, report) -> dict:
+    """Count the decoder as built (on the meta device) and compare with the formula."""
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
+    from .models.counting import decoder_param_counts_from_modules
+
+    tree = decoder_param_counts_from_modules(config)
+    params = report["params"]
+    formula = params["decoder"] + params["experts"] + params["routers"]
+    return {**tree, "formula_total": formula, "matches_formula": tree["total"] == formula}
 
 
 def build_parser() -> argparse.ArgumentParser:

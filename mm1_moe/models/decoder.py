@@ -9,6 +9,7 @@ embedding, ``post_process`` the final norm and output layer).
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional
 
 from megatron.core.models.gpt import GPTModel
@@ -29,6 +30,17 @@ from ..config import Config
 from ..moe.layer import MoELayer
 
 CORE_ATTENTION = {"local": DotProductAttention}
+
+
+class _HideUnknownMLPWarning(logging.Filter):
+    """Megatron's TransformerLayer logs "Unknown MLP type" for any MLP submodule it did not
+    write; ours (MoELayer) is one by design, and the warning would repeat once per MoE layer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_HideUnknownMLPWarning())
 
 
 def attention_spec(config: Config, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
