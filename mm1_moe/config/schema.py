@@ -67,6 +67,10 @@ class MoEConfig:
     """None: dropless. Otherwise each expert takes at most capacity_factor * T * K / E rows."""
     router_jitter: float = 0.0
     """Multiplicative uniform input noise eps (0 disables)."""
+    masked_tokens: Literal["route", "pass_through"] = "route"
+    """Tokens outside the routing mask (image placeholders, padding): ``route`` sends them to
+    experts like any token (but leaves them out of the load statistics and auxiliary losses);
+    ``pass_through`` skips the experts for them (the MoE adds 0, the residual carries them)."""
 
     @property
     def enabled(self) -> bool:

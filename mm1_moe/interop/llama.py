@@ -20,7 +20,7 @@ dict, so any TP/PP layout loads the same checkpoint.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Set
 
 import torch
 
@@ -89,28 +89,39 @@ def _split_qkv(qkv: torch.Tensor, config: Config):
     return q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D)
 
 
-def _hf_layer_names(i: int) -> List[str]:
+def _hf_shared_layer_names(i: int) -> List[str]:
+    """Layer ``i``'s norms and attention: the tensors every Llama-style family shares."""
     p = f"model.layers.{i}"
     return [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
-            *(f"{p}.self_attn.{n}_proj.weight" for n in "qkvo"),
-            *(f"{p}.mlp.{n}_proj.weight" for n in ("gate", "up", "down"))]
+            *(f"{p}.self_attn.{n}_proj.weight" for n in "qkvo")]
 
 
-def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
-    """A full (unsharded) state dict in our naming from a Llama state dict. Strict."""
-    dec = config.model.decoder
-    if dec.moe.enabled:
-        raise InteropError("a Llama checkpoint is dense; model.decoder.moe.num_experts must be 0 "
-                           "(upcycle it into an MoE decoder instead)")
-    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    for i in range(dec.num_layers):
-        expected.update(_hf_layer_names(i))
+def _hf_layer_names(i: int) -> List[str]:
+    p = f"model.layers.{i}"
+    return [*_hf_shared_layer_names(i), *(f"{p}.mlp.{n}_proj.weight" for n in ("gate", "up", "down"))]
+
+
+def _check_names(hf: Mapping[str, torch.Tensor], expected: Set[str], family: str) -> None:
+    """Raise ``InteropError`` naming unexpected or missing tensors (rotary buffers ignored)."""
     present = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
     if present - expected:
-        raise InteropError(f"unexpected tensors in the Llama checkpoint: {sorted(present - expected)[:8]}")
+        raise InteropError(f"unexpected tensors in the {family} checkpoint: {sorted(present - expected)[:8]}")
     if expected - present:
-        raise InteropError(f"tensors missing from the Llama checkpoint: {sorted(expected - present)[:8]}")
-    D, F = dec.hidden_size, dec.ffn_hidden_size
+        raise InteropError(f"tensors missing from the {family} checkpoint: {sorted(expected - present)[:8]}")
+
+
+def _expected_shared_names(config: Config) -> Set[str]:
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(config.model.decoder.num_layers):
+        expected.update(_hf_shared_layer_names(i))
+    return expected
+
+
+def _shared_from_hf(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    """Embeddings, output layer, final norm and every layer's norms and attention, HF -> ours.
+    Names must already have been checked (:func:`_check_names`); shapes are checked here."""
+    dec = config.model.decoder
+    D = dec.hidden_size
     out = {
         "embedding.word_embeddings.weight": _pad_vocab("model.embed_tokens.weight", hf["model.embed_tokens.weight"], config),
         "output_layer.weight": _pad_vocab("lm_head.weight", hf["lm_head.weight"], config),
@@ -123,6 +134,56 @@ def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[
         out[f"{o}.self_attention.linear_qkv.weight"] = _fuse_qkv(f"{p}.self_attn", hf, config)
         out[f"{o}.self_attention.linear_proj.weight"] = _check_shape(
             f"{p}.self_attn.o_proj.weight", hf[f"{p}.self_attn.o_proj.weight"], (D, dec.num_attention_heads * dec.head_dim))
+    return out
+
+
+def _shared_to_hf(state: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`_shared_from_hf` (vocab padding dropped); raises ``KeyError``."""
+    dec = config.model.decoder
+    V = dec.vocab_size
+    out = {
+        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:V],
+        "lm_head.weight": state["output_layer.weight"][:V],
+        "model.norm.weight": state["decoder.final_layernorm.weight"],
+    }
+    for i in range(dec.num_layers):
+        p, o = f"model.layers.{i}", f"decoder.layers.{i}"
+        q, k, v = _split_qkv(state[f"{o}.self_attention.linear_qkv.weight"], config)
+        out.update({
+            f"{p}.input_layernorm.weight": state[f"{o}.input_layernorm.weight"],
+            f"{p}.post_attention_layernorm.weight": state[f"{o}.pre_mlp_layernorm.weight"],
+            f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": k,
+            f"{p}.self_attn.v_proj.weight": v,
+            f"{p}.self_attn.o_proj.weight": state[f"{o}.self_attention.linear_proj.weight"],
+        })
+    return out
+
+
+def _load_full_(chunks: Iterable[torch.nn.Module], full: Mapping[str, torch.Tensor], family: str) -> int:
+    """Fill this rank's chunks from a converted full state dict; every parameter needs a source."""
+
+    def lookup(name: str, shape) -> torch.Tensor:
+        if name not in full:
+            raise InteropError(f"model tensor {name} has no source in the {family} checkpoint")
+        return full[name]
+
+    return fill_from_global_(chunks, lookup)
+
+
+def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    """A full (unsharded) state dict in our naming from a Llama state dict. Strict."""
+    dec = config.model.decoder
+    if dec.moe.enabled:
+        raise InteropError("a Llama checkpoint is dense; model.decoder.moe.num_experts must be 0 "
+                           "(upcycle it into an MoE decoder instead)")
+    expected = _expected_shared_names(config)
+    for i in range(dec.num_layers):
+        expected.update(_hf_layer_names(i))
+    _check_names(hf, expected, "Llama")
+    out = _shared_from_hf(hf, config)
+    D, F = dec.hidden_size, dec.ffn_hidden_size
+    for i in range(dec.num_layers):
+        p, o = f"model.layers.{i}", f"decoder.layers.{i}"
         gate = _check_shape(f"{p}.mlp.gate_proj.weight", hf[f"{p}.mlp.gate_proj.weight"], (F, D))
         up = _check_shape(f"{p}.mlp.up_proj.weight", hf[f"{p}.mlp.up_proj.weight"], (F, D))
         out[f"{o}.mlp.linear_fc1.weight"] = torch.cat([gate, up])
@@ -133,23 +194,12 @@ def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[
 def llama_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
     """The inverse of :func:`megatron_from_llama` (vocab padding dropped). Strict."""
     dec = config.model.decoder
-    V = dec.vocab_size
     try:
-        out = {
-            "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:V],
-            "lm_head.weight": state["output_layer.weight"][:V],
-            "model.norm.weight": state["decoder.final_layernorm.weight"],
-        }
+        out = _shared_to_hf(state, config)
         for i in range(dec.num_layers):
             p, o = f"model.layers.{i}", f"decoder.layers.{i}"
-            q, k, v = _split_qkv(state[f"{o}.self_attention.linear_qkv.weight"], config)
             gate, up = torch.chunk(state[f"{o}.mlp.linear_fc1.weight"], 2)
             out.update({
-                f"{p}.input_layernorm.weight": state[f"{o}.input_layernorm.weight"],
-                f"{p}.post_attention_layernorm.weight": state[f"{o}.pre_mlp_layernorm.weight"],
-                f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": k,
-                f"{p}.self_attn.v_proj.weight": v,
-                f"{p}.self_attn.o_proj.weight": state[f"{o}.self_attention.linear_proj.weight"],
                 f"{p}.mlp.gate_proj.weight": gate, f"{p}.mlp.up_proj.weight": up,
                 f"{p}.mlp.down_proj.weight": state[f"{o}.mlp.linear_fc2.weight"],
             })
@@ -161,11 +211,4 @@ def llama_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> Di
 def load_llama_(chunks: Iterable[torch.nn.Module], hf: Mapping[str, torch.Tensor], config: Config) -> int:
     """Load a Llama state dict into this rank's decoder chunks (any TP/PP layout). Every
     parameter of the chunks must be found; returns the number of tensors set."""
-    full = megatron_from_llama(hf, config)
-
-    def lookup(name: str, shape) -> torch.Tensor:
-        if name not in full:
-            raise InteropError(f"model tensor {name} has no source in the Llama checkpoint")
-        return full[name]
-
-    return fill_from_global_(chunks, lookup)
+    return _load_full_(chunks, megatron_from_llama(hf, config), "Llama")

@@ -137,12 +137,21 @@ class MoELayer(MegatronModule):
         token_mask_T = None
         if padding_mask is not None:  # [B, S], True = a real token; tokens are S-major
             token_mask_T = padding_mask.transpose(0, 1).reshape(-1).bool()
+        if token_mask_T is not None and self.moe.masked_tokens == "pass_through":
+            keep_T = token_mask_T.nonzero().squeeze(1)  # one sync: the kept count sizes rows
+            out_TD = torch.zeros_like(x_TD).index_copy(0, keep_T, self._moe(x_TD[keep_T], None))
+        else:
+            out_TD = self._moe(x_TD, token_mask_T)
+        out_TD = out_TD.to(hidden_SBD.dtype)
+        return out_TD.view(S, B, D), None
+
+    def _moe(self, x_TD: torch.Tensor, token_mask_T: Optional[torch.Tensor]) -> torch.Tensor:
         route = self.route(x_TD, token_mask_T)
         x_ND, state = self.dispatch(x_TD, route)
         y_ND = self.run_experts(x_ND, state)
-        out_TD = self.combine(y_ND, route, state).to(hidden_SBD.dtype)
+        out_TD = self.combine(y_ND, route, state)
         aux = self.moe.aux_loss_coeff * route.aux_loss + self.moe.z_loss_coeff * route.z_loss
         if self.training and aux.requires_grad:
             out_TD = AuxLossInjector.apply(out_TD, aux, float(self.aux_loss_scale))
         self.metrics.add(route, state.meta.num_dropped)
-        return out_TD.view(S, B, D), None
+        return out_TD

@@ -114,3 +114,20 @@ def test_capacity_drops_are_counted(started):
     # capacity = ceil(48 * 2 / 4 * 0.5) = 12 rows per expert: at least half the 96 slots drop
     assert metrics.dropped >= 48
     assert torch.isfinite(out).all()
+
+
+def test_pass_through_tokens_skip_the_experts(started):
+    config = started
+    config.model.decoder.moe.masked_tokens = "pass_through"
+    tc = decoder_transformer_config(config, use_cpu_initialization=True)
+    layer = MoELayer(tc, config.model.decoder.moe, kernels="torch")
+    x = torch.randn(S, B, tc.hidden_size, requires_grad=True)
+    mask_BS = torch.rand(B, S) > 0.3
+    out, _ = layer(x, padding_mask=mask_BS)
+    mask_SB = mask_BS.t()
+    assert torch.count_nonzero(out[~mask_SB]) == 0  # skipped: the MoE adds nothing
+    kept = x.detach()[mask_SB]  # the kept tokens alone give the same outputs
+    alone, _ = layer(kept.view(-1, 1, tc.hidden_size))
+    torch.testing.assert_close(out[mask_SB], alone.view(-1, tc.hidden_size))
+    out.sum().backward()
+    assert torch.count_nonzero(x.grad[~mask_SB]) == 0
