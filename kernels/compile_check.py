@@ -33,6 +33,9 @@ class CompileRequest:
     capability: int = 90
     num_warps: int = 4
     num_stages: int = 3
+    aligned: bool = True
+    """Mark every pointer 16-byte aligned, as a real launch of torch-allocated tensors does:
+    without the hint Triton barely multi-buffers and under-reports shared memory ~3x."""
 
 
 def _compile_here(req: CompileRequest) -> int:
@@ -45,7 +48,12 @@ def _compile_here(req: CompileRequest) -> int:
 
     kernel = getattr(importlib.import_module(req.module), req.kernel)
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    source = ASTSource(fn, signature=dict(req.signature), constexprs=dict(req.constexprs))
+    attrs = {}
+    if req.aligned:
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+                 for name, kind in req.signature.items() if kind.startswith("*")}
+    source = ASTSource(fn, signature=dict(req.signature), constexprs=dict(req.constexprs),
+                       attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", req.capability, 32),
                               options={"num_warps": req.num_warps, "num_stages": req.num_stages})
     return int(compiled.metadata.shared)

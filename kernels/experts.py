@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 
 from .grouped_gemm import (GemmBlocks, TileSchedule, _check_grouped, _mm_mainloop,
-                           _swizzle, _tile_rows, gather_rows_backward, grouped_mm_dw,
-                           grouped_mm_fwd, kernel_dtypes, pick_blocks, tile_schedule)
+                           _swizzle, _tile_rows, contiguous_routing, gather_rows_backward,
+                           grouped_mm_dw, grouped_mm_fwd, kernel_dtypes, pick_blocks,
+                           tile_schedule)
 
 # fc1 holds two accumulators (gate and up), i.e. a 128x256 fp32 output tile like the best bf16
 # config of Triton's H100 matmul tutorial; 48 KiB of shared memory per stage, so 3 stages
@@ -288,5 +289,7 @@ def swiglu_experts(x: torch.Tensor, w1_EDF2: torch.Tensor, w2_EFD: torch.Tensor,
     x is x_ND (src(n) = n), or x_TD with src(n) = gather_index_N[n] (its grad then sums each
     token's rows deterministically). ``recompute_fc1`` reruns fc1 in the backward instead of
     saving gate_up (see the module docstring); ``blocks`` overrides every kernel's tiles."""
+    offsets_E1, gather_index_N, row_scale_N = contiguous_routing(offsets_E1, gather_index_N,
+                                                                 row_scale_N)
     return SwiGLUExpertsFunction.apply(x, w1_EDF2, w2_EFD, offsets_E1, gather_index_N,
                                        row_scale_N, blocks, recompute_fc1)

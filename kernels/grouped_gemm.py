@@ -273,6 +273,13 @@ def _gather_bwd_kernel(g_ptr, out_ptr, perm_ptr, seg_ptr, T, C, stride_gm, strid
              acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
 
 
+def contiguous_routing(offsets_E1, gather_index_N, row_scale_N):
+    """The kernels index these 1-D tensors with unit stride: make them so (no-ops normally)."""
+    return (offsets_E1.contiguous(),
+            gather_index_N.contiguous() if gather_index_N is not None else None,
+            row_scale_N.contiguous() if row_scale_N is not None else None)
+
+
 def _check_grouped(a: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor,
                    gather_index_N: Optional[torch.Tensor], row_scale_N: Optional[torch.Tensor],
                    ) -> int:
@@ -463,4 +470,6 @@ def grouped_mm(a: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor,
     c_NO[n] = a[src(n)] @ w_EIO[e(n)] * row_scale_N[n]. a is a_NI (src(n) = n), or a_TI with
     src(n) = gather_index_N[n]; its grad then sums each token's rows deterministically.
     ``blocks`` overrides every kernel's tiles (tests use it to run GPU-sized tiles)."""
+    offsets_E1, gather_index_N, row_scale_N = contiguous_routing(offsets_E1, gather_index_N,
+                                                                 row_scale_N)
     return GroupedMMFunction.apply(a, w_EIO, offsets_E1, gather_index_N, row_scale_N, blocks)
