@@ -123,6 +123,28 @@ PATCHED_CALL_SITES: Dict[str, Tuple[str, ...]] = {
     ),
     "megatron.core.transformer.moe.moe_layer": (
     ),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": (
+        "FileSystemWriterAsync.preload_tensors",
+    ),
+    "megatron.core.dist_checkpointing.strategies.async_utils": (
+        "AsyncCaller.sync_all_async_calls",
+        "AsyncCallsQueue.maybe_finalize_async_calls",
+        "PersistentAsyncCaller.async_loop",
+        "TemporalAsyncCaller.schedule_async_call",
+    ),
+    "megatron.core.dist_checkpointing.strategies.torch": (
+    ),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": (
+        "save_state_dict_async_finalize",
+        "verify_global_md_reuse",
+    ),
+    "megatron.core.dist_checkpointing.exchange_utils": (
+        "_get_empty_tensor_for_exchange",
+        "exchange_loaded_tensors_gather_rounds",
+    ),
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": (
+        "FullyParallelLoadStrategyWrapper.load",
+    ),
 }
 
 _FACTORIES = (
