@@ -42,6 +42,10 @@ def _train(args: argparse.Namespace) -> int:
                   f"tokens/s {entry.tokens_per_s:,.0f}", flush=True)
 
     result = train(config, log=log)
+    if rank == 0 and not result.steps:
+        print(f"nothing to train: the run in {config.train.output_dir} is already at step "
+              f"{config.train.steps} (train.steps). Raise train.steps, or start afresh with "
+              "train.resume=false or another train.output_dir.", flush=True)
     if rank == 0 and result.steps:
         first, last = result.losses[0], result.losses[-1]
         from .data import MarkovChain

@@ -177,6 +177,17 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 1
     output_dir: str = "runs/mm1"
+    """Run folder: resolved config, metrics.jsonl, tensorboard/, checkpoints/."""
+    save_interval: int = 0
+    """Save a checkpoint every N steps (0: only the final one, when save_final)."""
+    save_final: bool = True
+    resume: bool = True
+    """Continue from the newest complete checkpoint in <output_dir>/checkpoints, if any."""
+    load_from: Optional[str] = None
+    """Start from this checkpoint (a step_* folder, or a checkpoints/ root) when the run has
+    none of its own, e.g. one saved under another parallel layout (it reshards on load)."""
+    peak_tflops: Optional[float] = None
+    """Device peak for MFU; None looks the GPU up in a table (no MFU on CPU)."""
 
 
 @dataclass

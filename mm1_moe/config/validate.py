@@ -148,6 +148,10 @@ def _check_train(config: Config, errors: List[str]) -> None:
         errors.append(f"train.min_lr_ratio ({tr.min_lr_ratio}) must be within [0, 1]")
     if tr.warmup_steps < 0:
         errors.append(f"train.warmup_steps ({tr.warmup_steps}) must be >= 0")
+    if tr.save_interval < 0:
+        errors.append(f"train.save_interval ({tr.save_interval}) must be >= 0 (0: final only)")
+    if tr.peak_tflops is not None and tr.peak_tflops <= 0:
+        errors.append(f"train.peak_tflops ({tr.peak_tflops}) must be > 0, or null")
     if tr.grad_clip < 0:
         errors.append(f"train.grad_clip ({tr.grad_clip}) must be >= 0 (0 disables)")
     if config.data.seq_length < 2:

@@ -1,5 +1,8 @@
-"""Hugging Face import/export: Llama-style decoders (and, later, CLIP vision towers)."""
+"""Hugging Face import/export: Llama-style dense decoders, Mixtral MoE decoders (and, later, CLIP
+vision towers)."""
 
 from .llama import InteropError, llama_config, llama_from_megatron, load_llama_, megatron_from_llama
+from .mixtral import load_mixtral_, megatron_from_mixtral, mixtral_config, mixtral_from_megatron
 
-__all__ = ["InteropError", "llama_config", "llama_from_megatron", "load_llama_", "megatron_from_llama"]
+__all__ = ["InteropError", "llama_config", "llama_from_megatron", "load_llama_", "megatron_from_llama",
+           "load_mixtral_", "megatron_from_mixtral", "mixtral_config", "mixtral_from_megatron"]

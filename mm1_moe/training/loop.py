@@ -23,6 +23,8 @@ from ..data import SyntheticTextBatches
 from ..models.builder import build_model_chunks, wrap_ddp
 from ..moe.layer import MoELayer, MoEMetrics
 from ..runtime import Runtime, initialize, shutdown
+from .checkpoint import COMPLETE, load_checkpoint, resume_latest, save_checkpoint
+from .metrics import MetricsLog, device_peak_tflops, step_record
 from .optimizer import build_optimizer
 
 
@@ -37,6 +39,8 @@ class StepLog:
     grad_norm: float
     lr: float
     tokens_per_s: float
+    tflops_per_gpu: float = 0.0
+    mfu: Optional[float] = None
     moe: Dict[int, Dict[str, float]] = field(default_factory=dict)
 
 
@@ -68,6 +72,13 @@ def forward_step(device: torch.device, data_iterator, model):
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None,
                    labels=batch["labels"], padding_mask=batch["loss_mask"] > 0)
     return output, partial(masked_lm_loss, batch["loss_mask"])
+
+
+def training_flops_per_token(config: Config) -> float:
+    """Model FLOPs per trained token (decoder: 3 x forward), from ``mm1_moe.info``."""
+    from ..info import flops_per_token
+
+    return float(flops_per_token(config)["training"])
 
 
 def decoder_param_count(config: Config) -> int:
@@ -152,6 +163,9 @@ class Trainer:
             tr.micro_batch_size, ps.get_data_parallel_rank(), runtime.data_parallel_size,
         )
         self.step_index = 0
+        self.metrics_log = MetricsLog(config.train.output_dir) if runtime.is_main else None
+        self.flops_per_token = training_flops_per_token(config)
+        self.peak_tflops = device_peak_tflops(config.train.peak_tflops)
         self.moe_layers = [m for chunk in self.model for m in chunk.modules()
                            if isinstance(m, MoELayer)]
 
@@ -183,31 +197,83 @@ class Trainer:
         self.step_index += 1
         elapsed = time.perf_counter() - start
         tokens = self.config.train.global_batch_size * self.config.data.seq_length
+        tflops = self.flops_per_token * tokens / elapsed / 1e12 / self.runtime.world_size
         entry = StepLog(self.step_index, _global_loss(losses),
                         float(grad_norm) if grad_norm is not None else math.nan,
-                        lr, tokens / elapsed)
+                        lr, tokens / elapsed, tflops,
+                        tflops / self.peak_tflops if self.peak_tflops else None)
         log_step = self.step_index % self.config.train.log_interval == 0
         if log_step or self.step_index == self.config.train.steps:
             entry.moe = gather_moe_metrics(self.moe_layers)
         else:
             for layer in self.moe_layers:
                 layer.metrics.reset()
+        if self.metrics_log is not None:
+            self.metrics_log.write(step_record(entry))
         if self.log is not None:
             self.log(entry)
         return entry
 
+    # --- checkpoints ----------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> str:
+        return os.path.join(self.config.train.output_dir, "checkpoints")
+
+    def save(self) -> str:
+        from ..config import dump_config as _dump
+
+        path = save_checkpoint(self.checkpoint_root, self.step_index, self.model, self.optimizer,
+                               self.scheduler, {"step": self.data.step}, _dump(self.config))
+        if self.runtime.is_main:
+            print(f"checkpoint saved: {path}", flush=True)
+        return path
+
+    def load(self, path: str) -> Dict[str, object]:
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step_index = state["step"]
+        self.data.step = int(state["data_state"]["step"])
+        return state
+
+    def restore(self) -> Optional[str]:
+        """Resume from this run's newest loadable checkpoint; else start from
+        ``train.load_from`` (a step folder or a checkpoints root), if set."""
+        report = print if self.runtime.is_main else (lambda _msg: None)
+        tr = self.config.train
+        state = resume_latest(self.checkpoint_root, self.load, report) if tr.resume else None
+        if state is None and tr.load_from:
+            if not os.path.isdir(tr.load_from):
+                raise FileNotFoundError(f"train.load_from ({tr.load_from!r}) does not exist")
+            if os.path.isfile(os.path.join(tr.load_from, COMPLETE)):
+                state = dict(self.load(tr.load_from), path=tr.load_from)
+            else:
+                state = resume_latest(tr.load_from, self.load, report)
+            if state is None:
+                raise FileNotFoundError(f"train.load_from ({tr.load_from!r}) holds no complete "
+                                        "checkpoint (step_* folder with complete.json)")
+        if state is None:
+            return None
+        report(f"resumed from {state['path']} at step {state['step']}")
+        return state["path"]
+
 
 def train(config: Config, log: Optional[Callable[[StepLog], None]] = None) -> TrainResult:
-    """Start the runtime, train ``config.train.steps`` steps, tear down; returns every step's
-    log (identical on every rank)."""
+    """Start the runtime, resume if a checkpoint exists, train up to ``config.train.steps``,
+    save as configured, tear down. Returns the logs of the steps this call ran (identical on
+    every rank)."""
     runtime = initialize(config)
     try:
         if runtime.is_main:  # after start-up: a layout that cannot start leaves no files
             dump_config(config, os.path.join(config.train.output_dir, "config.yaml"))
         trainer = Trainer(config, runtime, log if runtime.is_main else None)
+        trainer.restore()
         result = TrainResult()
-        for _ in range(config.train.steps):
+        interval = config.train.save_interval
+        while trainer.step_index < config.train.steps:
             result.steps.append(trainer.train_step())
+            if interval and trainer.step_index % interval == 0:
+                trainer.save()
+        if config.train.save_final and (not interval or trainer.step_index % interval):
+            trainer.save()
         return result
     finally:
         shutdown()

@@ -25,10 +25,12 @@ FAMILY = ["mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe", "mm1-7b-moe"]
 
 
 @pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    """A one-rank runtime, even when the suite itself runs under torchrun."""
+def _single_process(monkeypatch, tmp_path):
+    """A one-rank runtime, even when the suite itself runs under torchrun; each test in its own
+    folder, so relative run folders (and their checkpoints, which resume) never leak across."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 def _tiny(*overrides: str):
@@ -49,9 +51,9 @@ def test_tiny_dense_loss_falls_from_ln_vocab():
 
 
 def test_same_seed_is_bit_identical_other_seed_differs():
-    first = train(_tiny("train.steps=3")).losses
-    again = train(_tiny("train.steps=3")).losses
-    other = train(_tiny("train.steps=3", "train.seed=4321")).losses
+    first = train(_tiny("train.steps=3", "train.output_dir=first")).losses
+    again = train(_tiny("train.steps=3", "train.output_dir=again")).losses
+    other = train(_tiny("train.steps=3", "train.seed=4321", "train.output_dir=other")).losses
     assert first == again
     assert other != first
     assert other[0] != first[0]  # a different initialisation, same data
