@@ -71,6 +71,19 @@ def caption(shapes: List[Shape]) -> str:
     return f"{NUMBERS[len(shapes)]} {noun}: {listed}."
 
 
+def parse_caption(text: str) -> List[Shape]:
+    """The shapes a caption names (the inverse of ``caption``): captions carry the content."""
+    head, _, listed = text.rstrip(".").partition(": ")
+    parts = listed.replace(" and ", ", ").split(", ")
+    shapes = []
+    for part in parts:
+        _, colour, kind, _, _, *cell = part.split(" ")
+        shapes.append(Shape(kind, colour, CELLS.index(" ".join(cell))))
+    if NUMBERS.index(head.split(" ")[0]) != len(shapes):
+        raise ValueError(f"caption count {head!r} disagrees with {len(shapes)} shapes listed")
+    return shapes
+
+
 def render(shapes: List[Shape], rng: random.Random, size: int = IMAGE_SIZE):
     from PIL import Image, ImageDraw
 

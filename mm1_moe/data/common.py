@@ -34,9 +34,10 @@ class SkipCounter:
         self.counts[kind] += 1
         message = f"{where}: {why}" if why else where
         seen = self.examples.setdefault(kind, [])
-        if len(seen) < self.log_first:
+        if len(seen) < max(self.log_first, 1):  # keep one example even when not logging
             seen.append(message)
-            LOG.warning("skipped (%s) %s", kind, message)
+            if self.log_first:
+                LOG.warning("skipped (%s) %s", kind, message)
 
     def total(self) -> int:
         return sum(self.counts.values())

@@ -64,6 +64,8 @@ def decode_image(raw: bytes, size: int, where: str = "image"):
             image.draft("RGB", (size, size))
         image = image.convert("RGB")
         image.load()
+    except Image.UnidentifiedImageError as err:
+        raise ImageDecodeError(f"{where}: not an image in a format Pillow reads") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
         raise ImageDecodeError(f"{where}: {type(err).__name__}: {err}") from err
     width, height = image.size
@@ -77,18 +79,21 @@ def decode_image(raw: bytes, size: int, where: str = "image"):
     return image.crop((left, top, left + size, top + size))
 
 
-def to_array(image) -> np.ndarray:
-    """RGB PIL image [P, P] -> CLIP-normalised float32 array [3, P, P]."""
+def to_array(image, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """RGB PIL image [P, P] -> CLIP-normalised float32 array [3, P, P] (written into ``out``
+    when given: the loader decodes straight into the micro-batch's image tensor)."""
     hwc = np.asarray(image, dtype=np.float32)
-    out = np.empty((3,) + hwc.shape[:2], dtype=np.float32)
+    if out is None:
+        out = np.empty((3,) + hwc.shape[:2], dtype=np.float32)
     np.subtract(hwc.transpose(2, 0, 1), _MEAN255, out=out)
     out *= _INV_STD255
     return out
 
 
-def preprocess(raw: bytes, size: int, where: str = "image") -> np.ndarray:
+def preprocess(raw: bytes, size: int, where: str = "image",
+               out: Optional[np.ndarray] = None) -> np.ndarray:
     """Encoded image bytes -> float32 [3, size, size]; ``ImageDecodeError`` if unreadable."""
-    return to_array(decode_image(raw, size, where))
+    return to_array(decode_image(raw, size, where), out)
 
 
 def denormalize(pixels_3PP):

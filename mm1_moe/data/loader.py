@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
+import numpy as np
+
 from .batch import PackedBatch
 from .common import DataError, SkipCounter
 from .mixture import MixtureSchedule
@@ -29,6 +31,7 @@ from .spec import SOURCES, DataSpec, resolve_paths
 from .tokenizer import MM1Tokenizer, load_tokenizer
 
 STATE_VERSION = 1
+LOST_SEQUENCES_LIMIT = 16  # consecutive sequences emptied by undecodable images: stop
 
 
 class Planner:
@@ -107,14 +110,15 @@ class MM1DataLoader:
 
     def __init__(self, spec: DataSpec, dp_rank: int = 0, dp_size: int = 1,
                  micro_batch_size: int = 1, global_batch_size: Optional[int] = None,
-                 tokenizer: Optional[MM1Tokenizer] = None):
+                 tokenizer: Optional[MM1Tokenizer] = None,
+                 skips: Optional[SkipCounter] = None):
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         self.spec = spec.with_bundled_defaults()
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.tokenizer = tokenizer or load_tokenizer(self.spec.tokenizer, self.spec.vocab_size)
-        self.skips = SkipCounter()
+        self.skips = skips if skips is not None else SkipCounter()
         self.files = {name: resolve_paths(self.spec.paths(name), name)
                       for name, w in zip(SOURCES, self.spec.weights) if w > 0}
         sources = {name: make_source(name, files, self.spec.seed, self.skips)
@@ -123,6 +127,7 @@ class MM1DataLoader:
         self._window: Optional[Window] = None
         self._base, self._round = 0, 0  # own sequence j is base + dp_rank + dp_size * j
         self.sequences_yielded = self.tokens_yielded = self.text_tokens_yielded = 0
+        self._lost_in_a_row = 0
 
     # -- the global plan --------------------------------------------------------------------
     def _window_for(self, g: int) -> Window:
@@ -150,13 +155,32 @@ class MM1DataLoader:
     def batch(self, global_indices: List[int]) -> PackedBatch:
         """Materialize the given global sequences (images decoded) as one micro-batch."""
         s = self.spec
-        rows = [materialize(self.plan(g), self.tokenizer, s.seq_length, s.image_size, self.skips)
-                for g in global_indices]
-        for row in rows:
+        plans = [self.plan(g) for g in global_indices]
+        planned_images = sum(len(d.images) for plan in plans for d in plan)
+        pixels = np.empty((planned_images, 3, s.image_size, s.image_size), dtype=np.float32)
+        rows, filled = [], 0
+        for plan in plans:
+            rows.append(materialize(plan, self.tokenizer, s.seq_length, pixels[filled:],
+                                    self.skips))
+            filled += rows[-1].num_images
+        for plan, row in zip(plans, rows):
+            self._check_not_all_lost(plan, row)
             self.sequences_yielded += 1
             self.tokens_yielded += sum(row.doc_lengths)
             self.text_tokens_yielded += int(row.loss_mask.sum())
-        return collate(rows, s.image_size)
+        return collate(rows, pixels)
+
+    def _check_not_all_lost(self, plan: List[TokenDoc], row) -> None:
+        """Stop, rather than train on padding forever, when images keep failing to decode."""
+        if plan and not row.doc_lengths:
+            self._lost_in_a_row += 1
+            if self._lost_in_a_row >= LOST_SEQUENCES_LIMIT:
+                raise DataError(
+                    f"{self._lost_in_a_row} sequences in a row lost every document to images "
+                    f"that do not decode (e.g. {self.skips.examples.get('corrupt_image', ['?'])[-1]}"
+                    f"); skipped so far: {self.skips.as_dict()}")
+        else:
+            self._lost_in_a_row = 0
 
     def _take(self, count: int) -> List[int]:
         first = self._base + self.dp_rank + self.dp_size * self._round

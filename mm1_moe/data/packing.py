@@ -124,26 +124,29 @@ class PackedRow:
     loss_mask: np.ndarray  # [S] float32
     position_ids: np.ndarray  # [S] int64
     doc_ids: np.ndarray  # [S] int32
-    images: List[np.ndarray]  # each [3, P, P] float32
+    num_images: int
     doc_lengths: List[int]
 
 
-def materialize(docs: Sequence[TokenDoc], tok: MM1Tokenizer, seq_length: int, image_size: int,
-                skips: SkipCounter) -> PackedRow:
-    """Decode the images of one planned sequence and lay out its tensors. A document with an
-    image that does not decode is dropped (counted as ``corrupt_image``); the documents after it
-    move up, so the sequence only gets shorter and the limits still hold."""
+def materialize(docs: Sequence[TokenDoc], tok: MM1Tokenizer, seq_length: int,
+                pixels: np.ndarray, skips: SkipCounter) -> PackedRow:
+    """Decode the images of one planned sequence into ``pixels`` ([>= its images, 3, P, P],
+    filled from the front) and lay out its tokens. A document with an image that does not
+    decode is dropped (counted as ``corrupt_image``); the documents after it move up, so the
+    sequence only gets shorter and the limits still hold."""
     kept: List[TokenDoc] = []
-    pixels: List[np.ndarray] = []
+    image_size = pixels.shape[-1]
+    num_images = 0
     for doc in docs:
         try:
-            decoded = [preprocess(ref.read(), image_size, f"{ref.path}:{ref.name}")
-                       for ref in doc.images]
+            for i, ref in enumerate(doc.images):
+                preprocess(ref.read(), image_size, f"{ref.path}:{ref.name}",
+                           out=pixels[num_images + i])
         except (ImageDecodeError, OSError) as err:
             skips.skip("corrupt_image", doc.where, str(err))
             continue
         kept.append(doc)
-        pixels.extend(decoded)
+        num_images += len(doc.images)
     S = seq_length
     tokens = np.full(S, tok.pad_id, dtype=np.int64)
     position_ids = np.zeros(S, dtype=np.int64)
@@ -160,24 +163,21 @@ def materialize(docs: Sequence[TokenDoc], tok: MM1Tokenizer, seq_length: int, im
     labels = np.full(S, tok.pad_id, dtype=np.int64)
     labels[:-1] = tokens[1:]
     loss_mask = (same_doc_next & (labels != tok.image_token_id)).astype(np.float32)
-    return PackedRow(tokens, labels, loss_mask, position_ids, doc_ids, pixels,
+    return PackedRow(tokens, labels, loss_mask, position_ids, doc_ids, num_images,
                      [len(d) for d in kept])
 
 
-def collate(rows: Sequence[PackedRow], image_size: int) -> PackedBatch:
-    images = [img for r in rows for img in r.images]
-    pixels = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
-    for i, img in enumerate(images):
-        pixels[i] = img
-
+def collate(rows: Sequence[PackedRow], pixels: np.ndarray) -> PackedBatch:
+    """Stack rows into a ``PackedBatch``; ``pixels`` holds the rows' images in order."""
     def stack(name):
         return torch.from_numpy(np.stack([getattr(r, name) for r in rows]))
 
+    num_images = sum(r.num_images for r in rows)
     return PackedBatch(
         tokens=stack("tokens"), labels=stack("labels"), loss_mask=stack("loss_mask"),
         position_ids=stack("position_ids"), doc_ids=stack("doc_ids"),
-        images=torch.from_numpy(pixels),
-        images_per_sequence=torch.tensor([len(r.images) for r in rows], dtype=torch.int64),
+        images=torch.from_numpy(pixels[:num_images]),
+        images_per_sequence=torch.tensor([r.num_images for r in rows], dtype=torch.int64),
     )
 
 

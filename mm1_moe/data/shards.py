@@ -65,6 +65,11 @@ class TarShard:
                            f"{type(err).__name__}: {err} after {len(self.members)} members")
                 break
             if info is None:
+                # tarfile ends quietly at a header cut short; a complete tar has an
+                # end-of-archive marker (two zero blocks) after its last member
+                if not compressed and file_size - handle.offset < 2 * tarfile.BLOCKSIZE:
+                    skips.skip("truncated_shard", self.path,
+                               f"no end-of-archive marker after {len(self.members)} members")
                 break
             if not info.isfile():
                 continue

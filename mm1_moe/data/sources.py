@@ -98,7 +98,9 @@ class Source:
             if done:
                 self.pos = Position(self.pos.epoch, self.pos.file + 1)
                 files_without_doc += 1
-                if files_without_doc > len(self.files):
+                # a usable file is reached within 2n - 1 finished files (the rest of this
+                # epoch, then the next epoch's order up to it); 2n means there is none
+                if files_without_doc >= 2 * len(self.files):
                     raise DataError(
                         f"data.{self.name}: no usable sample in a whole pass over its "
                         f"{len(self.files)} files ({', '.join(self.files[:3])}"

@@ -67,20 +67,16 @@ def _layer_map(i: int) -> Dict[str, str]:
     return {f"{h}.{a}.{kind}": f"{o}.{b}.{kind}" for a, b in pairs.items() for kind in ("weight", "bias")}
 
 
-def _qkv_names(i: int) -> List[str]:
-    return [f"encoder.layers.{i}.self_attn.{n}_proj.{kind}" for n in "qkv" for kind in ("weight", "bias")]
-
-
 def _expected_shapes(config: Config) -> Dict[str, tuple]:
     """Every tensor of a ``CLIPVisionModel`` state dict with ``config``'s ViT, and its shape."""
     vis = config.model.vision
     W, M, p = vis.width, vis.mlp_dim, vis.patch_size
     shapes = {
-        f"embeddings.class_embedding": (W,),
-        f"embeddings.patch_embedding.weight": (W, 3, p, p),
-        f"embeddings.position_embedding.weight": (vis.num_patches + 1, W),
-        f"pre_layrnorm.weight": (W,), f"pre_layrnorm.bias": (W,),
-        f"post_layernorm.weight": (W,), f"post_layernorm.bias": (W,),
+        "embeddings.class_embedding": (W,),
+        "embeddings.patch_embedding.weight": (W, 3, p, p),
+        "embeddings.position_embedding.weight": (vis.num_patches + 1, W),
+        "pre_layrnorm.weight": (W,), "pre_layrnorm.bias": (W,),
+        "post_layernorm.weight": (W,), "post_layernorm.bias": (W,),
     }
     for i in range(vis.depth):
         h = f"encoder.layers.{i}"
@@ -124,11 +120,11 @@ def vit_from_clip(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, t
     for name, shape in shapes.items():
         _check_shape(name, hf[name], shape)
     out = {
-        "embeddings.class_embedding": hf[f"embeddings.class_embedding"],
-        "embeddings.patch_embedding.weight": hf[f"embeddings.patch_embedding.weight"],
-        "embeddings.position_embedding.weight": hf[f"embeddings.position_embedding.weight"],
-        "pre_layernorm.weight": hf[f"pre_layrnorm.weight"],
-        "pre_layernorm.bias": hf[f"pre_layrnorm.bias"],
+        "embeddings.class_embedding": hf["embeddings.class_embedding"],
+        "embeddings.patch_embedding.weight": hf["embeddings.patch_embedding.weight"],
+        "embeddings.position_embedding.weight": hf["embeddings.position_embedding.weight"],
+        "pre_layernorm.weight": hf["pre_layrnorm.weight"],
+        "pre_layernorm.bias": hf["pre_layrnorm.bias"],
     }
     for i in range(vis.depth):
         out.update({ours: hf[theirs] for theirs, ours in _layer_map(i).items()})
@@ -142,7 +138,7 @@ def _vision_modules(target) -> List[torch.nn.Module]:
     chunks without an encoder (pipeline stages after the first) contribute nothing."""
     from ..models.vision import VisionTransformer
 
-    items = target if isinstance(target, (list, tuple)) else [target]
+    items = [target] if isinstance(target, torch.nn.Module) else list(target)
     found = []
     for item in items:
         while not isinstance(item, VisionTransformer) and hasattr(item, "module"):
@@ -166,4 +162,4 @@ def load_clip_vision_(target: Union[torch.nn.Module, Iterable[torch.nn.Module]],
             raise InteropError(f"model tensor {name} has no source in the CLIP vision checkpoint")
         return full[name]
 
-    return fill_from_global_(_vision_modules(list(target) if not isinstance(target, torch.nn.Module) else target), lookup)
+    return fill_from_global_(_vision_modules(target), lookup)

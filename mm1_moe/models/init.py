@@ -20,11 +20,20 @@ import torch
 from ..config import Config
 
 
+def model_sharded_state_dict(module: torch.nn.Module) -> dict:
+    """Megatron's sharded state dict of a model chunk. Decoders that mix dense and MoE layers
+    get per-layer keys (``decoder.layers.3.mlp.experts.w1``): stacking them on one layer axis
+    would leave holes (dense fc1 only on some layers), which dist_checkpointing rejects."""
+    config = getattr(module, "config", None)
+    mixed = getattr(config, "num_moe_experts", None) is not None
+    return module.sharded_state_dict(metadata={"non_homogeneous_layers": True} if mixed else None)
+
+
 def _sharded_tensors(module: torch.nn.Module) -> Iterator:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    for item in nested_values(module.sharded_state_dict()):
+    for item in nested_values(model_sharded_state_dict(module)):
         if isinstance(item, ShardedTensorFactory):  # e.g. SwiGLU fc1: [gate; up] halves
             yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
         elif isinstance(item, ShardedTensor):

@@ -25,6 +25,7 @@ returns the CLS row. Patching all five is longer than this module.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -100,6 +101,19 @@ def vision_layer_spec(config: Config) -> ModuleSpec:
     )
 
 
+def interpolate_positions(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Position table [1 + G * G, W] (CLS first) -> [1 + grid_h * grid_w, W]: the CLS row kept,
+    the G x G patch grid resized bicubically with align_corners=False, as HF CLIP's
+    ``interpolate_pos_encoding`` (computed in fp32 whatever the table's dtype)."""
+    G, W = math.isqrt(table.shape[0] - 1), table.shape[1]
+    if G * G != table.shape[0] - 1:
+        raise ValueError(f"position table of {table.shape[0] - 1} patches is not a square grid")
+    patches_1WGG = table[1:].float().reshape(1, G, G, W).permute(0, 3, 1, 2)
+    resized = F.interpolate(patches_1WGG, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    resized_PW = resized.permute(0, 2, 3, 1).reshape(grid_h * grid_w, W).to(table.dtype)
+    return torch.cat([table[:1], resized_PW])
+
+
 class VisionEmbeddings(nn.Module):
     """Patch conv, CLS token and learned positions (names as in HF ``CLIPVisionEmbeddings``)."""
 
@@ -113,18 +127,12 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.grid**2 + 1, width, dtype=dtype)
 
     def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """[1 + grid_h * grid_w, W]: the CLS position, then the patch grid, bicubically
-        interpolated (align_corners=False, as HF's ``interpolate_pos_encoding``) when the grid
-        differs from the configured one. Interpolates in fp32 whatever the weight dtype."""
+        """[1 + grid_h * grid_w, W]: the table itself at the configured grid, else
+        :func:`interpolate_positions`."""
         table = self.position_embedding.weight
         if (grid_h, grid_w) == (self.grid, self.grid):
             return table
-        W = table.shape[1]
-        patches_1WGG = table[1:].float().reshape(1, self.grid, self.grid, W).permute(0, 3, 1, 2)
-        resized = F.interpolate(patches_1WGG, size=(grid_h, grid_w), mode="bicubic",
-                                align_corners=False)
-        resized_PW = resized.permute(0, 2, 3, 1).reshape(grid_h * grid_w, W).to(table.dtype)
-        return torch.cat([table[:1], resized_PW])
+        return interpolate_positions(table, grid_h, grid_w)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[I, 3, H, W'] -> [I, 1 + P, W] (sides must be multiples of the patch size)."""

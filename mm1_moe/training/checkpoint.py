@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..models.init import model_sharded_state_dict
+
 COMPLETE = "complete.json"
 PREFIX = "step_"
 
@@ -94,7 +96,7 @@ def _rng_sharded_object(state: Optional[Dict[str, Any]]):
 
 
 def _sharded_state(model_chunks, optimizer, loading: bool, rng: bool) -> Dict[str, Any]:
-    state: Dict[str, Any] = {f"model{i}": chunk.module.sharded_state_dict()
+    state: Dict[str, Any] = {f"model{i}": model_sharded_state_dict(chunk.module)
                              for i, chunk in enumerate(model_chunks)}
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
     if rng:
@@ -158,10 +160,15 @@ def resume_latest(root: str, load: Callable[[str], Dict[str, Any]],
                   report: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
     """Load the newest complete checkpoint under ``root`` that loads; report each one that does
     not (with its path and the error) and fall back to the previous one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     for path in complete_checkpoints(root):
         try:
             result = load(path)
-        except Exception as err:  # a corrupt checkpoint: say which, use the one before
+        # A corrupt checkpoint: say which, use the one before. torch's CheckpointException
+        # derives from BaseException, and it is raised on every rank alike (DCP gathers the
+        # failures), so all ranks fall back together.
+        except (Exception, CheckpointException) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             report(f"checkpoint {path} could not be loaded ({type(err).__name__}: "
                    f"{first_line[:300]}); trying the previous one")

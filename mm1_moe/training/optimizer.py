@@ -64,5 +64,9 @@ def build_optimizer(config: Config, ddp_chunks: List[torch.nn.Module], num_param
         end_wd=wd,
         wd_incr_steps=tr.steps,
         wd_incr_style="constant",
+        # On resume the config's schedule wins over the checkpoint's (only the step count is
+        # restored), so raising train.steps extends the cosine instead of staying at its floor.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler

@@ -11,58 +11,19 @@ baseline.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import pytest
 
+from _launch import REPO, TIMEOUT_S, _env, _micro_batch, _run, train_cmd
+
 pytestmark = pytest.mark.distributed
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-SCRIPT = HERE / "run_train.py"
 STEPS = 4
 BASE_MICRO_BATCH = 4  # configs/tiny-dense.yaml
-TIMEOUT_S = 240
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _env() -> Dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONWARNINGS="ignore::UserWarning")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)  # a baseline must not join an outer process group
-    return env
-
-
-def _run(cmd: Sequence[str], out: Path, what: str) -> Dict[str, List[float]]:
-    env = _env()
-    env["MM1_RESULT"] = str(out)
-    try:
-        proc = subprocess.run(list(cmd), cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        tail = (err.stderr or b"")[-4000:]
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        pytest.fail(f"{what}: timed out after {TIMEOUT_S} s\n--- stderr tail ---\n{tail}")
-    if proc.returncode != 0 or not out.is_file():
-        pytest.fail(f"{what}: exit code {proc.returncode}\n$ {' '.join(cmd)}\n"
-                    f"--- stdout tail ---\n{proc.stdout[-2000:]}\n"
-                    f"--- stderr tail ---\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
-
-
-def _micro_batch(overrides: Sequence[str]) -> int:
-    size = BASE_MICRO_BATCH
-    for item in overrides:
-        if item.startswith("train.micro_batch_size="):
-            size = int(item.split("=", 1)[1])
-    return size
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +35,8 @@ def baseline(tmp_path_factory):
 
     def get(micro_batch_size: int) -> Dict[str, List[float]]:
         if micro_batch_size not in cache:
-            cmd = [sys.executable, str(SCRIPT), f"train.steps={STEPS}",
-                   f"train.micro_batch_size={micro_batch_size}"]
+            cmd = train_cmd(1, [f"train.steps={STEPS}", f"train.micro_batch_size={micro_batch_size}"],
+                            folder / f"run-mbs{micro_batch_size}")
             cache[micro_batch_size] = _run(cmd, folder / f"mbs{micro_batch_size}.json",
                                            f"single-process baseline (micro batch "
                                            f"{micro_batch_size})")
@@ -101,9 +62,8 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("nproc, overrides", LAYOUTS)
 def test_layout_matches_single_process(nproc, overrides, baseline, tmp_path):
-    expected = baseline(_micro_batch(overrides))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(SCRIPT), f"train.steps={STEPS}", *overrides]
+    expected = baseline(_micro_batch(overrides, BASE_MICRO_BATCH))
+    cmd = train_cmd(nproc, [f"train.steps={STEPS}", *overrides], tmp_path / "run")
     got = _run(cmd, tmp_path / "result.json", f"{nproc} ranks {' '.join(overrides) or 'DP'}")
 
     assert len(got["losses"]) == len(expected["losses"]) == STEPS
