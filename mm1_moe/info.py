@@ -82,7 +82,9 @@ def vision_params(vis: VisionConfig) -> int:
     w, m, p = vis.width, vis.mlp_dim, vis.patch_size
     embed = 3 * p * p * w + w + (vis.num_patches + 1) * w
     layer = 4 * w + 4 * _linear(w, w) + _linear(w, m) + _linear(m, w)
-    return embed + 2 * w + vis.depth * layer + 2 * w
+    # pre-LN 2W; no post-LN: CLIP applies it only to the pooled CLS output, which MM1's
+    # connector never reads (it takes the last hidden states without CLS)
+    return embed + 2 * w + vis.depth * layer
 
 
 def bottleneck_params(c_in: int, c_out: int) -> Tuple[int, int]:

@@ -127,6 +127,10 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    image_token_id: Optional[int] = None
+    """Token id of the image placeholders (the tokenizer's ``<image>``). Set: a multimodal MM1
+    (ViT + connector on the first pipeline stage, image rows spliced into the embeddings);
+    null: a text-only decoder, no vision tower built."""
     layout_invariant_init: bool = False
     """Initialise every parameter from a generator seeded by its global (layout-independent)
     name, so any TP/PP/DP layout starts from the same weights. Builds one full-size tensor per

@@ -109,6 +109,15 @@ def _check_vision(config: Config, errors: List[str]) -> None:
     elif patch_grid_ok and con.num_tokens > vis.num_patches:
         errors.append(f"model.connector.num_tokens ({con.num_tokens}) exceeds the encoder's "
                       f"patches ({vis.num_patches} = (model.vision.image_size / patch_size)^2)")
+    tp = config.parallel.tensor_parallel
+    for name in ("num_heads", "mlp_dim"):
+        if tp >= 1 and getattr(vis, name) % tp:
+            errors.append(_not_divisible(f"model.vision.{name}", getattr(vis, name),
+                                         "parallel.tensor_parallel", tp))
+    token = config.model.image_token_id
+    if token is not None and not 0 <= token < config.model.decoder.vocab_size:
+        errors.append(f"model.image_token_id ({token}) must lie in [0, model.decoder.vocab_size "
+                      f"({config.model.decoder.vocab_size}))")
     if con.depth < 1 or con.hidden_size < 1:
         errors.append(f"model.connector.depth ({con.depth}) and hidden_size "
                       f"({con.hidden_size}) must be >= 1")

@@ -154,8 +154,10 @@ class MM1DataLoader:
     # -- batches ----------------------------------------------------------------------------
     def batch(self, global_indices: List[int]) -> PackedBatch:
         """Materialize the given global sequences (images decoded) as one micro-batch."""
+        return self._materialize([self.plan(g) for g in global_indices])
+
+    def _materialize(self, plans: List[List[TokenDoc]]) -> PackedBatch:
         s = self.spec
-        plans = [self.plan(g) for g in global_indices]
         planned_images = sum(len(d.images) for plan in plans for d in plan)
         pixels = np.empty((planned_images, 3, s.image_size, s.image_size), dtype=np.float32)
         rows, filled = [], 0
@@ -206,9 +208,14 @@ class MM1DataLoader:
         """The micro-batches of the next optimizer step on this rank: global sequences
         [cursor, cursor + G), this rank's share, ``micro_batch_size`` at a time."""
         count = self.num_microbatches(global_batch_size)
-        indices = self._take(count * self.micro_batch_size)
+        # plan the whole step now, so a state_dict() taken while it is consumed stays exact
+        plans = [self.plan(g) for g in self._take(count * self.micro_batch_size)]
+        return self._step(plans, count)
+
+    def _step(self, plans, count: int) -> Iterator[PackedBatch]:
+        mb = self.micro_batch_size
         for m in range(count):
-            yield self.batch(indices[m * self.micro_batch_size:(m + 1) * self.micro_batch_size])
+            yield self._materialize(plans[m * mb:(m + 1) * mb])
 
     @property
     def packing_efficiency(self) -> float:

@@ -10,10 +10,12 @@ from ..config import Config
 from ..config.megatron import decoder_transformer_config
 from .decoder import build_decoder
 from .init import layout_invariant_init_
+from .mm1 import MM1Model
 
 
 def build_model_chunks(config: Config, on_cpu: bool) -> List[torch.nn.Module]:
-    """This rank's decoder chunks: one per virtual pipeline stage (one without interleaving).
+    """This rank's model chunks (a decoder, or MM1 when ``model.image_token_id`` is set): one
+    per virtual pipeline stage (one without interleaving).
     ``on_cpu`` initialises weights on the CPU (Megatron's ``use_cpu_initialization``), which also
     makes Megatron's init independent of the tensor-parallel size."""
     from megatron.core import parallel_state as ps
@@ -24,27 +26,25 @@ def build_model_chunks(config: Config, on_cpu: bool) -> List[torch.nn.Module]:
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunk = build_decoder(
-            config,
-            transformer_config,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            pp_rank=pp_rank,
-            vp_stage=stage,
-        )
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        if config.model.image_token_id is None:  # text-only decoder
+            chunk = build_decoder(config, transformer_config, first, last, pp_rank, stage)
+            _apply_freezing(config, chunk)
+        else:  # MM1: ViT + connector with the embedding on the first stage; freezes per part
+            chunk = MM1Model(config, transformer_config, first, last, pp_rank, stage,
+                             image_token_id=config.model.image_token_id)
         if not on_cpu:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     if config.model.layout_invariant_init:
         layout_invariant_init_(chunks, config)
-    _apply_freezing(config, chunks)
     return chunks
 
 
-def _apply_freezing(config: Config, chunks: List[torch.nn.Module]) -> None:
+def _apply_freezing(config: Config, chunk: torch.nn.Module) -> None:
     if config.model.decoder.freeze:
-        for chunk in chunks:
-            chunk.requires_grad_(False)
+        chunk.requires_grad_(False)
 
 
 def wrap_ddp(config: Config, chunks: List[torch.nn.Module], distributed_optimizer: bool = False):

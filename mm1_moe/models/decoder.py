@@ -115,6 +115,7 @@ def build_decoder(
     post_process: bool = True,
     pp_rank: int = 0,
     vp_stage: Optional[int] = None,
+    scatter_embedding_sequence_parallel: bool = True,
 ) -> GPTModel:
     """This pipeline stage's part of the decoder, as a Megatron ``GPTModel``."""
     dec = config.model.decoder
@@ -128,5 +129,6 @@ def build_decoder(
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=dec.rope_theta,
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         vp_stage=vp_stage,
     )

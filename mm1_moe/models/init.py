@@ -45,14 +45,16 @@ def _std_for(key: str, config: Config) -> float:
     std / sqrt(2 * num_layers) (GPT-2's scaled init, ``scaled_init_method_normal``)."""
     dec = config.model.decoder
     if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return dec.init_std / math.sqrt(2.0 * dec.num_layers)
+        depth = config.model.vision.depth if key.startswith("vision_model.") else dec.num_layers
+        return dec.init_std / math.sqrt(2.0 * depth)
     return dec.init_std
 
 
 def _full_tensor(key: str, shape, seed: int, config: Config) -> torch.Tensor:
     if key.endswith("bias"):
         return torch.zeros(shape)
-    if "norm" in key.rsplit(".", 2)[-2] or key.endswith("layer_norm_weight"):
+    parts = key.rsplit(".", 2)
+    if (len(parts) > 1 and "norm" in parts[-2]) or key.endswith("layer_norm_weight"):
         return torch.ones(shape)
     generator = torch.Generator().manual_seed(seed)
     return torch.empty(shape).normal_(0.0, _std_for(key, config), generator=generator)

@@ -36,15 +36,6 @@ from .decoder import build_decoder
 from .vision import VisionTransformer, vision_transformer_config
 
 
-def _embed_without_sequence_scatter(embedding) -> None:
-    """Make the decoder's embedding return full [S, B, D] under sequence parallelism (what
-    GPTModel builds with ``scatter_embedding_sequence_parallel=False``): image rows are spliced
-    in over the whole sequence, and :meth:`MM1Model.embed` scatters afterwards."""
-    embedding.scatter_to_sequence_parallel = False
-    embedding.reduce_scatter_embeddings = False
-    embedding.word_embeddings.reduce_scatter_embeddings = False
-
-
 class MM1Model(MegatronModule):
     """This pipeline stage's part of MM1 (see the module docstring).
 
@@ -76,10 +67,11 @@ class MM1Model(MegatronModule):
                                              num_patches=m.vision.num_patches,
                                              num_heads=m.vision.num_heads,
                                              dtype=transformer_config.params_dtype)
+        # The embedding returns the full [S, B, D] under sequence parallelism: image rows are
+        # spliced in over the whole sequence, and ``embed`` scatters afterwards.
         self.language_model = build_decoder(config, transformer_config, pre_process, post_process,
-                                            pp_rank, vp_stage)
-        if pre_process:
-            _embed_without_sequence_scatter(self.language_model.embedding)
+                                            pp_rank, vp_stage,
+                                            scatter_embedding_sequence_parallel=False)
         self._freeze(config)
 
     def _freeze(self, config: Config) -> None:

@@ -69,8 +69,9 @@ def forward_step(device: torch.device, data_iterator, model):
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     # padding_mask [B, S] reaches every MoE layer: routing statistics and auxiliary losses
     # count the tokens that carry loss (not image placeholders, not padding).
+    images = {k: batch[k] for k in ("images", "images_per_sequence") if k in batch}
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None,
-                   labels=batch["labels"], padding_mask=batch["loss_mask"] > 0)
+                   labels=batch["labels"], padding_mask=batch["loss_mask"] > 0, **images)
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
