@@ -67,7 +67,8 @@ def _megatron_experts(D: int, F: int, E: int, K: int, dtype: torch.dtype, device
 
 
 def _routing(T: int, E: int, K: int, device):
-    from mm1_moe.kernels import dispatch_metadata, router
+    from mm1_moe.kernels.dispatch import dispatch_metadata
+    from mm1_moe.kernels.router import router
 
     logits = torch.randn(T, E, device=device)
     route = router(logits, K, "softmax_topk")
@@ -87,7 +88,8 @@ def _row(kind, config, T, impl, ms, amount, ceiling, unit) -> Dict[str, object]:
 def bench_shape(config: str, D: int, F: int, E: int, K: int, T: int, ceil, smoke: bool):
     from megatron.core.transformer.moe.moe_utils import permute, unpermute
 
-    from mm1_moe.kernels import combine, dispatch, dispatch_metadata, swiglu_experts
+    from mm1_moe.kernels.combine import combine
+    from mm1_moe.kernels.dispatch import dispatch, dispatch_metadata
 
     device = "cuda" if harness.on_gpu() else "cpu"
     dtype = torch.bfloat16 if harness.on_gpu() else torch.float32
@@ -122,7 +124,7 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
 
 
 def _bench_experts(config, D, F, E, K, T, meta, ceil, smoke, dtype, device):
-    from mm1_moe.kernels import swiglu_experts
+    from mm1_moe.kernels.experts import swiglu_experts
 
     N = T * K
     xs = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)

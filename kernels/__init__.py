@@ -1,8 +1,11 @@
 """Triton kernels of mm1-moe, installed as ``mm1_moe.kernels`` (see setup.py's package_dir).
 
 One op per file, each with its plain-torch reference in ``reference/``. Modules under
-``mm1_moe/`` never import ``triton`` directly: they call the functions exported here.
+``mm1_moe/`` never import ``triton`` directly: they call these files' plain functions, e.g.
+``from mm1_moe.kernels.router import router``. (Nothing is re-exported here: a function named
+like its module, ``router``/``dispatch``/``combine``, would shadow the module.)
 
+  attention.py     flash attention: causal/bidirectional, GQA, packed documents (+ _bwd)
   router.py        logits -> top-k ids/weights, expert counts, load-balance and z-loss terms
   dispatch.py      stable counting sort of routed slots by expert, row gather (DispatchMeta)
   combine.py       weighted sum of each token's K expert rows (the inverse of dispatch)
@@ -11,11 +14,9 @@ One op per file, each with its plain-torch reference in ``reference/``. Modules 
   compile_check.py compile a kernel for sm90/sm80 without a GPU (shared memory, lowering)
 """
 
-from .combine import combine
-from .dispatch import DispatchMeta, dispatch, dispatch_metadata, expert_capacity
-from .experts import swiglu_experts
-from .grouped_gemm import grouped_mm
-from .router import RouterOutput, router
+import os
 
-__all__ = ["DispatchMeta", "RouterOutput", "combine", "dispatch", "dispatch_metadata",
-           "expert_capacity", "grouped_mm", "router", "swiglu_experts"]
+import torch
+
+if not torch.cuda.is_available():  # before any kernel module: @triton.jit reads it at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -17,8 +17,9 @@ Design notes:
 - GQA: one dK/dV program owns a key tile of one kv head and loops over the GROUP query heads
   that read it, accumulating in registers: deterministic, no float atomics, no [B, S, Hq, Dh]
   expanded dK/dV buffer.
-- Tile ranges and masks as the forward (``_tile_spans``): document ranges, the causal diagonal
-  and the sequence end run masked; tiles inside one document and off the diagonal do not.
+- Tile ranges and masks as the forward (``_tile_spans``): only the tiles of the documents and
+  the causal band are visited; the element mask runs on the diagonal, document-edge and
+  sequence-end tiles only.
 - Masked probabilities are 0 exactly (exp2(-inf)); lse is finite for every valid query.
 
 Caution: tested in the Triton interpreter (CPU) and compiled for sm90/sm80 with bf16 inputs;
@@ -65,26 +66,23 @@ def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, dlse_ptr, delta_ptr,
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                rows_n, doc_n, docs_ptr, start, stop, qk_scale, S, Dh, offs_m, offs_d,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                PAD_D: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                PRECISION: tl.constexpr, BM: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one head.
-    Works transposed ([BN, BM] tiles) so dK/dV come out as [BN, BD] without transposes."""
+                rows_n, doc_n, docs_ptr, start, full_lo, full_hi, stop, qk_scale, S, Dh, offs_m,
+                offs_d, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PAD_D: tl.constexpr,
+                UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                BM: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one head (those
+    outside [full_lo, full_hi) masked). Works transposed ([BN, BM] tiles) so that dK and dV
+    come out as [BN, BD] with no transposes of the accumulators."""
     for start_m in range(start, stop, BM):
         rows_m = start_m + offs_m
         q = _load_tile(q_base + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d,
-                       Dh, MASKED, PAD_D, UPCAST, ACC_DTYPE)
+                       Dh, PAD_D, UPCAST, ACC_DTYPE)
         # lse is saved in natural log; the kernels work in log2 units (exp2 is the fast one).
-        if MASKED:
-            lse2 = tl.load(lse_base + rows_m, mask=rows_m < S, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_base + rows_m, mask=rows_m < S, other=0.0)
-        else:
-            lse2 = tl.load(lse_base + rows_m) * 1.4426950408889634
-            delta = tl.load(delta_base + rows_m)
+        lse2 = tl.load(lse_base + rows_m, mask=rows_m < S, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + rows_m, mask=rows_m < S, other=0.0)
         s2T = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(ACC_DTYPE) * qk_scale
         pT = tl.exp2(s2T - lse2[None, :])
-        if MASKED:
+        if (start_m < full_lo) | (start_m >= full_hi):  # uniform per program: no divergence
             okT = rows_m[None, :] < S  # keys past S are never stored: no need to mask them
             if CAUSAL:
                 okT = okT & (rows_m[None, :] >= rows_n[:, None])
@@ -93,7 +91,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
                 okT = okT & (doc_n[:, None] == doc_m[None, :])
             pT = tl.where(okT, pT, 0.0)
         do = _load_tile(do_base + rows_m[:, None] * stride_dos + offs_d[None, :], rows_m, S,
-                        offs_d, Dh, MASKED, PAD_D, UPCAST, ACC_DTYPE)
+                        offs_d, Dh, PAD_D, UPCAST, ACC_DTYPE)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(ACC_DTYPE)
         dsT = pT * (dpT - delta[None, :])
@@ -122,14 +120,14 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     docs_b = docs_ptr + b.to(tl.int64) * S
     k = _load_tile(k_ptr + b.to(tl.int64) * stride_kb + hk * stride_kh
                    + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d, Dh,
-                   True, PAD_D, UPCAST, ACC_DTYPE)
+                   PAD_D, UPCAST, ACC_DTYPE)
     v = _load_tile(v_ptr + b.to(tl.int64) * stride_vb + hk * stride_vh
                    + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d, Dh,
-                   True, PAD_D, UPCAST, ACC_DTYPE)
+                   PAD_D, UPCAST, ACC_DTYPE)
     doc_n = rows_n
     if HAS_DOCS:
         doc_n = tl.load(docs_b + rows_n, mask=rows_n < S, other=-3)
-    lo, hi, single = _doc_span(ranges_ptr, docs_b, b, pid, S, HAS_DOCS)
+    lo, hi, single = _doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
     lo_blk, full_lo, full_hi, end = _tile_spans(a, lo, hi, single, BN, BM, CAUSAL, False)
 
     dk = tl.zeros([BN, BD], ACC_DTYPE)
@@ -141,17 +139,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         lse_base = lse_ptr + (b * Hq + h).to(tl.int64) * S
         delta_base = delta_ptr + (b * Hq + h).to(tl.int64) * S
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                             stride_dos, rows_n, doc_n, docs_b, lo_blk, full_lo, qk_scale, S, Dh,
-                             offs_m, offs_d, True, CAUSAL, HAS_DOCS, PAD_D, UPCAST, ACC_DTYPE,
-                             PRECISION, BM)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                             stride_dos, rows_n, doc_n, docs_b, full_lo, full_hi, qk_scale, S, Dh,
-                             offs_m, offs_d, False, CAUSAL, HAS_DOCS, PAD_D, UPCAST, ACC_DTYPE,
-                             PRECISION, BM)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                             stride_dos, rows_n, doc_n, docs_b, full_hi, end, qk_scale, S, Dh,
-                             offs_m, offs_d, True, CAUSAL, HAS_DOCS, PAD_D, UPCAST, ACC_DTYPE,
-                             PRECISION, BM)
+                             stride_dos, rows_n, doc_n, docs_b, lo_blk, full_lo, full_hi, end,
+                             qk_scale, S, Dh, offs_m, offs_d, CAUSAL, HAS_DOCS, PAD_D, UPCAST,
+                             ACC_DTYPE, PRECISION, BM)
 
     mask = (rows_n[:, None] < S) & (offs_d[None, :] < Dh)
     dk_ptrs = dk_ptr + b.to(tl.int64) * stride_dkb + hk * stride_dkh + rows_n[:, None] * stride_dks
@@ -162,20 +152,21 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows_m, doc_m,
-              docs_ptr, start, stop, qk_scale, S, Dh, offs_n, offs_d,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-              PAD_D: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-              PRECISION: tl.constexpr, BN: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles [start, stop)."""
+              docs_ptr, start, full_lo, full_hi, stop, qk_scale, S, Dh, offs_n, offs_d,
+              CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PAD_D: tl.constexpr,
+              UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              BN: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [start, stop) (those outside
+    [full_lo, full_hi) masked)."""
     for start_n in range(start, stop, BN):
         rows_n = start_n + offs_n
         k = _load_tile(k_base + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d,
-                       Dh, MASKED, PAD_D, UPCAST, ACC_DTYPE)
+                       Dh, PAD_D, UPCAST, ACC_DTYPE)
         v = _load_tile(v_base + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d,
-                       Dh, MASKED, PAD_D, UPCAST, ACC_DTYPE)
+                       Dh, PAD_D, UPCAST, ACC_DTYPE)
         s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC_DTYPE) * qk_scale
         p = tl.exp2(s2 - lse2[:, None])
-        if MASKED:
+        if (start_n < full_lo) | (start_n >= full_hi):  # uniform per program: no divergence
             p = tl.where(_attend(rows_m, rows_n, S, doc_m, docs_ptr, CAUSAL, HAS_DOCS), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC_DTYPE)
         ds = p * (dp - delta[:, None])
@@ -208,30 +199,24 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     docs_b = docs_ptr + b.to(tl.int64) * S
     q = _load_tile(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
                    + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d, Dh,
-                   True, PAD_D, UPCAST, ACC_DTYPE)
+                   PAD_D, UPCAST, ACC_DTYPE)
     do = _load_tile(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
                     + rows_m[:, None] * stride_dos + offs_d[None, :], rows_m, S, offs_d, Dh,
-                    True, PAD_D, UPCAST, ACC_DTYPE)
+                    PAD_D, UPCAST, ACC_DTYPE)
     lse2 = tl.load(lse_ptr + bh.to(tl.int64) * S + rows_m, mask=rows_m < S, other=0.0)
     lse2 = lse2 * 1.4426950408889634  # natural log -> log2 units
     delta = tl.load(delta_ptr + bh.to(tl.int64) * S + rows_m, mask=rows_m < S, other=0.0)
     doc_m = rows_m
     if HAS_DOCS:
         doc_m = tl.load(docs_b + rows_m, mask=rows_m < S, other=-2)
-    lo, hi, single = _doc_span(ranges_ptr, docs_b, b, pid, S, HAS_DOCS)
+    lo, hi, single = _doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
     lo_blk, full_lo, full_hi, end = _tile_spans(a, lo, hi, single, BM, BN, CAUSAL, True)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + hk * stride_vh
 
     dq = tl.zeros([BM, BD], ACC_DTYPE)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows_m, doc_m,
-                   docs_b, lo_blk, full_lo, qk_scale, S, Dh, offs_n, offs_d, True, CAUSAL,
-                   HAS_DOCS, PAD_D, UPCAST, ACC_DTYPE, PRECISION, BN)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows_m, doc_m,
-                   docs_b, full_lo, full_hi, qk_scale, S, Dh, offs_n, offs_d, False, CAUSAL,
-                   HAS_DOCS, PAD_D, UPCAST, ACC_DTYPE, PRECISION, BN)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows_m, doc_m,
-                   docs_b, full_hi, end, qk_scale, S, Dh, offs_n, offs_d, True, CAUSAL,
+                   docs_b, lo_blk, full_lo, full_hi, end, qk_scale, S, Dh, offs_n, offs_d, CAUSAL,
                    HAS_DOCS, PAD_D, UPCAST, ACC_DTYPE, PRECISION, BN)
 
     mask = (rows_m[:, None] < S) & (offs_d[None, :] < Dh)

@@ -61,6 +61,7 @@ def _compile_here(req: CompileRequest) -> int:
 
 def _compile_in_child(requests: List[CompileRequest]) -> List[object]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
     with tempfile.TemporaryDirectory() as cache:
         env["TRITON_CACHE_DIR"] = cache
         payload = json.dumps([asdict(r) for r in requests])

@@ -18,7 +18,7 @@ Semantics (shared with the kernel):
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,13 +85,6 @@ def attention_lse_reference(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, causal: 
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.logsumexp(scores, dim=-1)
-
-
-def attention_reference_with_lse(q_BSHD, k_BSHD, v_BSHD, causal=False, softmax_scale=None,
-                                 doc_ids_BS=None, upcast=False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o_BSHD, lse_BHS): both of the above."""
-    o = attention_reference(q_BSHD, k_BSHD, v_BSHD, causal, softmax_scale, doc_ids_BS, upcast)
-    return o, attention_lse_reference(q_BSHD, k_BSHD, causal, softmax_scale, doc_ids_BS)
 
 
 def attention_flops(B: int, S: int, Hq: int, Dh: int, causal: bool, backward: bool = False,

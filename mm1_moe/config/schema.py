@@ -196,9 +196,12 @@ class TrainConfig:
 
 @dataclass
 class KernelsConfig:
-    attention: Literal["local"] = "local"
-    """Core attention of the decoder and ViT specs. local: Megatron-core's DotProductAttention
-    (the only backend so far; our Triton kernel and SDPA join this switch when they land)."""
+    attention: Literal["auto", "triton", "sdpa", "flash_attn", "local"] = "auto"
+    """Core attention of the decoder and ViT specs. triton: our flash-attention kernel (causal,
+    bidirectional, packed documents); sdpa: torch scaled_dot_product_attention; flash_attn: the
+    flash-attn package (GPU only, ``pip install mm1-moe[gpu]``); local: Megatron-core's
+    DotProductAttention (no packed documents); auto: triton on GPUs, sdpa on CPU (the
+    interpreter runs our kernel correctly but ~100x slower than torch there)."""
     moe: Literal["triton", "torch"] = "triton"
     """MoE router/dispatch/combine/expert GEMMs: our Triton kernels (interpreted on CPU) or their
     plain-torch references."""

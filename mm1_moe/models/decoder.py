@@ -28,8 +28,19 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from ..config import Config
 from ..moe.layer import MoELayer
+from .attention import FlashAttnAttention, SDPAAttention, TritonAttention
 
-CORE_ATTENTION = {"local": DotProductAttention}
+CORE_ATTENTION = {"local": DotProductAttention, "triton": TritonAttention,
+                  "sdpa": SDPAAttention, "flash_attn": FlashAttnAttention}
+
+
+def core_attention_class(name: str) -> type:
+    """``kernels.attention`` -> the core-attention submodule (``auto``: ours on GPUs)."""
+    if name == "auto":
+        import torch
+
+        name = "triton" if torch.cuda.is_available() else "sdpa"
+    return CORE_ATTENTION[name]
 
 
 class _HideUnknownMLPWarning(logging.Filter):
@@ -50,7 +61,7 @@ def attention_spec(config: Config, mask: AttnMaskType = AttnMaskType.causal) -> 
         params={"attn_mask_type": mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
-            core_attention=CORE_ATTENTION[config.kernels.attention],
+            core_attention=core_attention_class(config.kernels.attention),
             linear_proj=RowParallelLinear,
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,

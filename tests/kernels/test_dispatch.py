@@ -407,6 +407,7 @@ def test_kernels_compile_for_gpu():
     """compile_for_target raises on a compile error or a shared-memory overflow; sm90 and sm80
     compile in two processes side by side (about 8 s each here)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
     procs = {cap: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--compile",
                                     str(cap)], env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True) for cap in (90, 80)}

@@ -436,6 +436,7 @@ def _compile_job(request, tmp_path_factory):
         yield {}  # compile tests deselected: don't spend a core on them
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's FutureWarning
     proc = subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT], env=env, text=True,

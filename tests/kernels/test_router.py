@@ -250,6 +250,7 @@ print(json.dumps(results))
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_CASES)],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -156,7 +156,7 @@ def test_unknown_key_in_a_file_and_in_an_override(tmp_path):
          "model.connector.type: expected one of 'c_abstractor' | 'avg_pool' | 'attn_pool', "
          "got 'mlp'"),
         ({"train": {"dtype": "fp16"}}, "train.dtype: expected one of 'fp32' | 'bf16', got 'fp16'"),
-        ({"kernels": {"attention": True}}, "kernels.attention: expected one of 'local', got True"),
+        ({"kernels": {"attention": True}}, "kernels.attention: expected one of 'auto' | 'triton' | 'sdpa' | 'flash_attn' | 'local', got True"),
         ({"model": {"decoder": [1, 2]}},
          "model.decoder: expected a mapping of DecoderConfig fields, got [1, 2]"),
         ({"model": {"decoder": {"moe": [4, 2]}}},
