@@ -177,6 +177,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    distributed_optimizer: bool = False
+    """Shard fp32 master weights and Adam moments over the data-parallel ranks (Megatron's
+    DistributedOptimizer: grads reduce-scattered, params all-gathered)."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     seed: int = 1234
     log_interval: int = 1

@@ -145,6 +145,10 @@ PATCHED_CALL_SITES: Dict[str, Tuple[str, ...]] = {
     "megatron.core.dist_checkpointing.strategies.fully_parallel": (
         "FullyParallelLoadStrategyWrapper.load",
     ),
+    "megatron.core.optimizer.distrib_optimizer": (
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+        "DistributedOptimizer.load_state_dict",
+    ),
 }
 
 _FACTORIES = (
@@ -341,6 +345,57 @@ REPLACED_FUNCTIONS = {
     },
 }
 
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _tensor_type_reports_cuda():
+    """While active, ``Tensor.type()`` (no argument) names CPU float tensors as their CUDA types.
+    Megatron's optimizers sort parameters by ``param.type() == 'torch.cuda.FloatTensor'`` and
+    reject anything else; the patched constructors below run inside this, nothing else does."""
+    original = torch.Tensor.type
+
+    def cuda_named(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu" and \
+                self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+# (module, class, method): optimizer code paths that call ``param.type()`` for a CUDA name.
+TYPE_CHECK_SITES = (
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+     "_build_model_and_main_param_groups"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+)
+
+
+def _wrap_type_check_sites() -> None:
+    for module_name, class_name, method in TYPE_CHECK_SITES:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        raw = cls.__dict__[method]
+        func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+
+        def wrapped(*args, __func=func, **kwargs):
+            with _tensor_type_reports_cuda():
+                return __func(*args, **kwargs)
+
+        wrapped.__wrapped__ = func
+        if isinstance(raw, staticmethod):
+            wrapped = staticmethod(wrapped)
+        elif isinstance(raw, classmethod):
+            wrapped = classmethod(wrapped)
+        setattr(cls, method, wrapped)
+
+
 _APPLIED = False
 
 
@@ -368,6 +423,7 @@ def apply_cpu_compat() -> bool:
             if not callable(getattr(module, name, None)):
                 raise RuntimeError(f"{module_name}.{name} is gone; revisit the CPU patch")
             setattr(module, name, replacement)
+    _wrap_type_check_sites()
     _APPLIED = True
     return True
 

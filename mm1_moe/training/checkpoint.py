@@ -98,7 +98,15 @@ def _rng_sharded_object(state: Optional[Dict[str, Any]]):
 def _sharded_state(model_chunks, optimizer, loading: bool, rng: bool) -> Dict[str, Any]:
     state: Dict[str, Any] = {f"model{i}": model_sharded_state_dict(chunk.module)
                              for i, chunk in enumerate(model_chunks)}
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
+    # fully_reshardable: the distributed optimizer's state is saved in model space (gathered
+    # per parameter), so it reloads under any TP/PP/DP layout; 0.16.1's default format relies
+    # on flattened ranges that its own dist_checkpointing no longer accepts.
+    # On CPU the gather must go through gloo (the "mem_efficient" variant; its default path
+    # moves each buffer to CUDA with Tensor.cuda()).
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable",
+                "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading,
+                                                      metadata=metadata)
     if rng:
         state["rng_state"] = _rng_sharded_object(None if loading else _rng_state())
     return state
@@ -138,6 +146,22 @@ def save_checkpoint(root: str, step: int, model_chunks, optimizer, scheduler,
     return final
 
 
+def _refuse_distributed_optimizer(optimizer, path: str) -> None:
+    """megatron-core 0.16.1 cannot load a DistributedOptimizer checkpoint back without Apex or
+    Transformer Engine: torch's Adam keeps a per-parameter ``step`` that its reshardable loader
+    does not carry (KeyError 'step'), and a fresh optimizer has no ``step`` for its state_dict
+    assertion. Saving works; loading is refused here, before anything is modified."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if any(isinstance(inner, DistributedOptimizer)
+           for inner in getattr(optimizer, "chained_optimizers", [optimizer])):
+        raise NotImplementedError(
+            f"cannot load {path} with train.distributed_optimizer=true: megatron-core 0.16.1 "
+            "reloads DistributedOptimizer state only with Apex or Transformer Engine. Resume "
+            "with train.distributed_optimizer=false (the checkpoint reshards), or keep the "
+            "run's optimizer off the distributed path.")
+
+
 def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
     """Load ``path`` into the chunks, optimizer and scheduler (resharding as needed); restore RNG
     when the layout matches. Returns {"step", "data_state"}. Raises on a bad checkpoint."""
@@ -145,6 +169,7 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, 
 
     meta = read_meta(path)
     same_layout = meta.get("layout") == _layout()
+    _refuse_distributed_optimizer(optimizer, path)
     sharded = _sharded_state(model_chunks, optimizer, loading=True, rng=same_layout)
     loaded = dist_checkpointing.load(sharded, path)
     for i, chunk in enumerate(model_chunks):
@@ -162,6 +187,7 @@ def resume_latest(root: str, load: Callable[[str], Dict[str, Any]],
     not (with its path and the error) and fall back to the previous one."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    failures = 0
     for path in complete_checkpoints(root):
         try:
             result = load(path)
@@ -170,9 +196,14 @@ def resume_latest(root: str, load: Callable[[str], Dict[str, Any]],
         # failures), so all ranks fall back together.
         except (Exception, CheckpointException) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            failures += 1
             report(f"checkpoint {path} could not be loaded ({type(err).__name__}: "
                    f"{first_line[:300]}); trying the previous one")
             continue
         result["path"] = path
         return result
+    if failures:
+        raise RuntimeError(f"no checkpoint under {root} could be loaded ({failures} tried); "
+                           "refusing to train from a partially loaded model. Move the broken "
+                           "ones away, or set train.resume=false to start afresh.")
     return None

@@ -155,7 +155,7 @@ class Trainer:
         self.config, self.runtime, self.log = config, runtime, log
         chunks = build_model_chunks(config, on_cpu=runtime.cpu_compat)
         self.num_params = decoder_param_count(config)
-        self.model = wrap_ddp(config, chunks)
+        self.model = wrap_ddp(config, chunks, config.train.distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(config, self.model, self.num_params)
         _configure_schedule(self.model, self.optimizer)
         dec, tr = config.model.decoder, config.train

@@ -48,7 +48,7 @@ def build_optimizer(config: Config, ddp_chunks: List[torch.nn.Module], num_param
         clip_grad=tr.grad_clip,
         bf16=tr.dtype == "bf16",
         params_dtype=torch.bfloat16 if tr.dtype == "bf16" else torch.float32,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=tr.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
     scheduler = OptimizerParamScheduler(

@@ -49,6 +49,7 @@ LAYOUTS = [
     pytest.param(2, ["parallel.tensor_parallel=2"], id="tp2-tensor-parallel"),
     pytest.param(2, ["parallel.pipeline_parallel=2"], id="pp2-1f1b"),
     pytest.param(2, [], id="dp2-data-parallel-grad-allreduce"),
+    pytest.param(2, ["train.distributed_optimizer=true"], id="dp2-distributed-optimizer"),
     pytest.param(2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2",
                      "train.micro_batch_size=1"], id="pp2-vpp2-interleaved-1f1b"),
     pytest.param(4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"],
