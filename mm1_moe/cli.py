@@ -10,9 +10,11 @@ the package as ``mm1_moe/default.yaml``): a tiny run on CPU in about a minute.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
+import time
 import warnings
 from typing import List, Optional
 
@@ -35,11 +37,23 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mm1-moe train: {config.model.name}, {config.train.steps} steps, resolved config "
               f"in {os.path.join(config.train.output_dir, 'config.yaml')}", flush=True)
 
+    started = time.perf_counter()
+    first_step: list = []
+
     def log(entry: StepLog) -> None:
+        first_step.append(entry.step) if not first_step else None
         if entry.step % config.train.log_interval == 0 or entry.step == config.train.steps:
+            done = entry.step - first_step[0] + 1
+            eta = (time.perf_counter() - started) / done * (config.train.steps - entry.step)
+            mfu = f"  mfu {entry.mfu:.1%}" if entry.mfu is not None else ""
+            moe = ""
+            if entry.moe:
+                cvs = [stats["load_cv"] for stats in entry.moe.values()]
+                moe = f"  expert load cv {max(cvs):.2f}"
             print(f"step {entry.step:5d}/{config.train.steps}  loss {entry.loss:.4f}  "
                   f"grad_norm {entry.grad_norm:.3f}  lr {entry.lr:.2e}  "
-                  f"tokens/s {entry.tokens_per_s:,.0f}", flush=True)
+                  f"tokens/s {entry.tokens_per_s:,.0f}{mfu}{moe}  "
+                  f"eta {datetime.timedelta(seconds=round(eta))}", flush=True)
 
     result = train(config, log=log)
     if rank == 0 and not result.steps:
