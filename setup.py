@@ -17,11 +17,14 @@ INSTALL_REQUIRES = [
     "einops",
     "pyyaml",
     "psutil",
+    "pillow",  # image decoding in the data pipeline
+    "tokenizers",  # Hugging Face tokenizers JSON files
 ]
 
 EXTRAS = {
     "test": ["pytest", "transformers", "safetensors"],
     "gpu": ["flash-attn"],  # optional benchmark baseline; cannot build without CUDA
+    "sentencepiece": ["sentencepiece"],  # SentencePiece .model tokenizers
 }
 
 setup(

@@ -55,19 +55,52 @@ def _train(args: argparse.Namespace) -> int:
                   f"tokens/s {entry.tokens_per_s:,.0f}{mfu}{moe}  "
                   f"eta {datetime.timedelta(seconds=round(eta))}", flush=True)
 
-    result = train(config, log=log)
+    samples: dict = {}
+    result = train(config, log=log, on_finish=lambda trainer: samples.update(
+        _sample_caption(trainer) or {}))
     if rank == 0 and not result.steps:
         print(f"nothing to train: the run in {config.train.output_dir} is already at step "
               f"{config.train.steps} (train.steps). Raise train.steps, or start afresh with "
               "train.resume=false or another train.output_dir.", flush=True)
     if rank == 0 and result.steps:
         first, last = result.losses[0], result.losses[-1]
-        from .data import MarkovChain
+        note = ""
+        if config.data.source == "synthetic_text":
+            from .data import MarkovChain
 
-        floor = MarkovChain.build(config.model.decoder.vocab_size, config.data.seed).entropy_floor()
-        print(f"done: loss {first:.4f} -> {last:.4f} over {len(result.steps)} steps "
-              f"(the generated data's entropy floor is {floor:.4f})", flush=True)
+            floor = MarkovChain.build(config.model.decoder.vocab_size,
+                                      config.data.seed).entropy_floor()
+            note = f" (the generated data's entropy floor is {floor:.4f})"
+        print(f"done: loss {first:.4f} -> {last:.4f} over {len(result.steps)} steps{note}",
+              flush=True)
+    if rank == 0:
+        out = config.train.output_dir
+        print(f"checkpoints: {os.path.join(out, 'checkpoints')}\n"
+              f"metrics:     {os.path.join(out, 'metrics.jsonl')}", flush=True)
+        if samples:
+            print(f"sample caption for bundled image {samples['image']}:\n"
+                  f"  model:   {samples['model']!r}\n  written: {samples['truth']!r}", flush=True)
     return 0
+
+
+def _sample_caption(trainer) -> Optional[dict]:
+    """A caption for the first bundled image, written by the trained MM1 (one pipeline stage)."""
+    config = trainer.config
+    if config.model.image_token_id is None or config.parallel.pipeline_parallel != 1 \
+            or config.data.source != "mm1_mixture":
+        return None
+    import torch
+
+    from .data.images import preprocess
+    from .data.spec import bundled_dir
+    from .generate import first_caption_pair, greedy_caption
+
+    raw, truth, key = first_caption_pair(os.path.join(bundled_dir(), "captions-000000.tar"))
+    pixels = torch.from_numpy(preprocess(raw, config.model.vision.image_size))
+    model = trainer.model[0].module
+    tokenizer = trainer.data.loader.tokenizer
+    text = greedy_caption(model, config, tokenizer, pixels, device=trainer.runtime.device)
+    return {"image": key, "model": text, "truth": truth}
 
 
 def _repo_configs_dir() -> Optional[str]:
@@ -112,6 +145,12 @@ def _module_tree_check(config, report) -> dict:
     return {**tree, "formula_total": formula, "matches_formula": tree["total"] == formula}
 
 
+def _data_inspect(args: argparse.Namespace) -> int:
+    from .data.inspect import run_inspect
+
+    return run_inspect(args)  # prints the report; DataError/ConfigError -> message, exit 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm1-moe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--configs-dir", help="folder of the family configs (for --family)")
     info.add_argument("overrides", nargs="*", help="dotted overrides")
     info.set_defaults(func=_info)
+
+    data = sub.add_parser("data", help="data pipeline tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    insp = data_sub.add_parser("inspect", help="counts, decoded samples, packing efficiency and "
+                               "images per sequence of a shard, a folder of shards, or a config")
+    insp.add_argument("target", help="tar shard, JSONL/text file, folder of them, or YAML config")
+    insp.add_argument("--samples", type=int, default=3, help="decoded samples per file")
+    insp.add_argument("--sequences", type=int, default=16, help="sequences to pack")
+    insp.add_argument("--tokenizer", help="tokenizer file for shards (default: the bundled one)")
+    insp.add_argument("--seq-length", type=int, help="packing of shards (default 4096)")
+    insp.add_argument("--max-images", type=int, help="images per sequence (default 16)")
+    insp.add_argument("--tokens-per-image", type=int, help="default 144")
+    insp.add_argument("--image-size", type=int, help="default 378")
+    insp.add_argument("overrides", nargs="*", help="dotted overrides (configs only)")
+    insp.set_defaults(func=_data_inspect)
     return parser
 
 

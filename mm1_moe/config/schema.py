@@ -154,8 +154,25 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic_text"] = "synthetic_text"
-    """synthetic_text: a generated, learnable token stream that needs no files."""
+    source: Literal["synthetic_text", "mm1_mixture"] = "synthetic_text"
+    """synthetic_text: a generated, learnable token stream that needs no files. mm1_mixture: MM1's
+    interleaved/captions/text mixture from the paths below, packed (mm1_moe/data/loader.py)."""
+    interleaved: List[str] = field(default_factory=list)
+    """Interleaved-document tar shards (files or globs): key.json (a list of text/image entries, or
+    OBELICS's texts/images lists) with its images in the same shard. Empty: the bundled set."""
+    captions: List[str] = field(default_factory=list)
+    """Image-caption tar shards (files or globs), img2dataset layout: key.jpg + key.txt or
+    key.json. Empty: the bundled set."""
+    text: List[str] = field(default_factory=list)
+    """Text-only files (files or globs): JSONL with a ``text`` field, or plain text (one document
+    per file). Empty: the bundled set."""
+    weights: List[float] = field(default_factory=lambda: [0.45, 0.45, 0.10])
+    """Mixture weights of (interleaved, captions, text): MM1's 45/45/10."""
+    tokenizer: str = ""
+    """Hugging Face tokenizers JSON or SentencePiece .model with <image>, </s> and <pad>; empty:
+    the bundled tokenizer (data/bundled/tokenizer.json, 253 tokens)."""
+    pack_window: int = 16
+    """Sequences filled together (first-fit) before any is emitted: more packs tighter."""
     seq_length: int = 4096
     max_images_per_sequence: int = 16
     seed: int = 1234
@@ -205,9 +222,10 @@ class KernelsConfig:
     flash-attn package (GPU only, ``pip install mm1-moe[gpu]``); local: Megatron-core's
     DotProductAttention (no packed documents); auto: triton on GPUs, sdpa on CPU (the
     interpreter runs our kernel correctly but ~100x slower than torch there)."""
-    moe: Literal["triton", "torch"] = "triton"
-    """MoE router/dispatch/combine/expert GEMMs: our Triton kernels (interpreted on CPU) or their
-    plain-torch references."""
+    moe: Literal["auto", "triton", "torch"] = "auto"
+    """MoE router/dispatch/combine/expert GEMMs: our Triton kernels, or their plain-torch
+    references; auto: triton on GPUs, torch on CPU (the interpreter runs the kernels correctly,
+    as the tests check, but ~100x slower than torch)."""
 
 
 @dataclass

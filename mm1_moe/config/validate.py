@@ -163,6 +163,15 @@ def _check_train(config: Config, errors: List[str]) -> None:
         errors.append(f"train.peak_tflops ({tr.peak_tflops}) must be > 0, or null")
     if tr.grad_clip < 0:
         errors.append(f"train.grad_clip ({tr.grad_clip}) must be >= 0 (0 disables)")
+    data = config.data
+    if len(data.weights) != 3 or any(w < 0 for w in data.weights) or sum(data.weights) <= 0:
+        errors.append(f"data.weights ({data.weights}) must be 3 non-negative weights "
+                      "(interleaved, captions, text) with a positive sum")
+    if data.pack_window < 1:
+        errors.append(f"data.pack_window ({data.pack_window}) must be >= 1")
+    if data.source == "mm1_mixture" and config.model.image_token_id is None:
+        errors.append("data.source (mm1_mixture) feeds images: set model.image_token_id to the "
+                      "tokenizer's <image> id")
     if config.data.seq_length < 2:
         errors.append(f"data.seq_length ({config.data.seq_length}) must be >= 2")
 

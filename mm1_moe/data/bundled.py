@@ -198,8 +198,8 @@ def sentence(rng: random.Random) -> str:
         f"a {colour} {kind} is a shape.",
         f"{colour} is a colour and {kind} is a shape.",
         f"the {cell} is one of nine places in a picture.",
-        f"a picture can show one, two or three shapes.",
-        f"count the shapes: one, two, three.",
+        "a picture can show one, two or three shapes.",
+        "count the shapes: one, two, three.",
     ])
 
 

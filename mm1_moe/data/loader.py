@@ -177,10 +177,11 @@ class MM1DataLoader:
         if plan and not row.doc_lengths:
             self._lost_in_a_row += 1
             if self._lost_in_a_row >= LOST_SEQUENCES_LIMIT:
+                example = self.skips.examples.get("corrupt_image", ["?"])[-1]
                 raise DataError(
                     f"{self._lost_in_a_row} sequences in a row lost every document to images "
-                    f"that do not decode (e.g. {self.skips.examples.get('corrupt_image', ['?'])[-1]}"
-                    f"); skipped so far: {self.skips.as_dict()}")
+                    f"that do not decode (e.g. {example}); skipped so far: "
+                    f"{self.skips.as_dict()}")
         else:
             self._lost_in_a_row = 0
 

@@ -162,9 +162,11 @@ class MM1Model(MegatronModule):
                 labels: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
                 images_per_sequence: Optional[torch.Tensor] = None,
                 padding_mask: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                packed_seq_params=None) -> torch.Tensor:
         """tokens/position_ids/labels [B, S], images [I, 3, H, H], images_per_sequence [B],
-        padding_mask [B, S] bool (tokens counted in MoE routing statistics).
+        padding_mask [B, S] bool (tokens counted in MoE routing statistics), packed_seq_params
+        (Megatron's PackedSeqParams: document boundaries for the attention kernel).
 
         Returns the per-token loss [B, S] on the last stage when ``labels`` are given (the
         caller applies its loss mask: text tokens only), else logits [B, S, vocab/TP] on the
@@ -175,4 +177,5 @@ class MM1Model(MegatronModule):
             decoder_input = self.embed(tokens, position_ids, images, images_per_sequence)
         return self.language_model(tokens, position_ids, attention_mask,
                                    decoder_input=decoder_input, labels=labels,
-                                   padding_mask=padding_mask)
+                                   padding_mask=padding_mask,
+                                   packed_seq_params=packed_seq_params)

@@ -56,6 +56,8 @@ _BACKENDS = {
 
 
 def moe_ops(name: str) -> MoEOps:
+    if name == "auto":
+        name = "triton" if torch.cuda.is_available() else "torch"
     if name not in _BACKENDS:
         raise ValueError(f"kernels.moe ({name!r}) must be one of {sorted(_BACKENDS)}")
     return _BACKENDS[name]

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, dump_config
-from ..data import SyntheticTextBatches
 from ..models.builder import build_model_chunks, wrap_ddp
 from ..moe.layer import MoELayer, MoEMetrics
 from ..runtime import Runtime, initialize, shutdown
+from .data import build_data
 from .checkpoint import COMPLETE, load_checkpoint, resume_latest, save_checkpoint
 from .metrics import MetricsLog, device_peak_tflops, step_record
 from .optimizer import build_optimizer
@@ -47,6 +47,7 @@ class StepLog:
 @dataclass
 class TrainResult:
     steps: List[StepLog] = field(default_factory=list)
+    sample: Optional[Dict[str, str]] = None  # a caption the model wrote, when on_finish adds one
 
     @property
     def losses(self) -> List[float]:
@@ -67,12 +68,27 @@ def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 def forward_step(device: torch.device, data_iterator, model):
     """Megatron ``forward_step_func``: one micro-batch through this stage's chunk."""
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    # padding_mask [B, S] reaches every MoE layer: routing statistics and auxiliary losses
-    # count the tokens that carry loss (not image placeholders, not padding).
-    images = {k: batch[k] for k in ("images", "images_per_sequence") if k in batch}
+    # The MoE layers' padding_mask [B, S]: routing statistics and auxiliary losses count real
+    # text tokens (not image placeholders, not padding).
+    routing = batch["routing_mask"] if "routing_mask" in batch else batch["loss_mask"] > 0
+    extra = {k: batch[k] for k in ("images", "images_per_sequence") if k in batch}
+    if "cu_seqlens" in batch:
+        extra["packed_seq_params"] = packed_documents(batch["cu_seqlens"])
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None,
-                   labels=batch["labels"], padding_mask=batch["loss_mask"] > 0, **images)
+                   labels=batch["labels"], padding_mask=routing, **extra)
     return output, partial(masked_lm_loss, batch["loss_mask"])
+
+
+def packed_documents(cu_seqlens: torch.Tensor):
+    """Document boundaries of the (1 x T) packed micro-batch for the core attention."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    # max_seqlen is the whole row, not the longest document: with the sbhd layout Megatron sizes
+    # the rotary table by it (one position per token; RoPE is relative, so positions running on
+    # across documents change nothing inside the document mask). An upper bound for flash-attn.
+    total = int(cu_seqlens[-1])
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=total, max_seqlen_kv=total)
 
 
 def training_flops_per_token(config: Config) -> float:
@@ -158,11 +174,7 @@ class Trainer:
         self.model = wrap_ddp(config, chunks, config.train.distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(config, self.model, self.num_params)
         _configure_schedule(self.model, self.optimizer)
-        dec, tr = config.model.decoder, config.train
-        self.data = SyntheticTextBatches(
-            dec.vocab_size, config.data.seq_length, config.data.seed, tr.global_batch_size,
-            tr.micro_batch_size, ps.get_data_parallel_rank(), runtime.data_parallel_size,
-        )
+        self.data = build_data(config, ps.get_data_parallel_rank(), runtime.data_parallel_size)
         self.step_index = 0
         self.metrics_log = MetricsLog(config.train.output_dir) if runtime.is_main else None
         self.flops_per_token = training_flops_per_token(config)
@@ -186,8 +198,9 @@ class Trainer:
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro),
-            seq_length=self.config.data.seq_length,
-            micro_batch_size=self.config.train.micro_batch_size,
+            # packed MM1 micro-batches arrive as one row of B*S tokens (see training/data.py)
+            seq_length=micro[0]["tokens"].shape[1],
+            micro_batch_size=micro[0]["tokens"].shape[0],
             forward_only=False,
         )
         # Advance the schedule first, so step s trains at lr(s): step 1 at peak/warmup (not 0,
@@ -224,7 +237,7 @@ class Trainer:
         from ..config import dump_config as _dump
 
         path = save_checkpoint(self.checkpoint_root, self.step_index, self.model, self.optimizer,
-                               self.scheduler, {"step": self.data.step}, _dump(self.config))
+                               self.scheduler, self.data.state_dict(), _dump(self.config))
         if self.runtime.is_main:
             print(f"checkpoint saved: {path}", flush=True)
         return path
@@ -232,7 +245,7 @@ class Trainer:
     def load(self, path: str) -> Dict[str, object]:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step_index = state["step"]
-        self.data.step = int(state["data_state"]["step"])
+        self.data.load_state_dict(state["data_state"])
         return state
 
     def restore(self) -> Optional[str]:
@@ -257,7 +270,8 @@ class Trainer:
         return state["path"]
 
 
-def train(config: Config, log: Optional[Callable[[StepLog], None]] = None) -> TrainResult:
+def train(config: Config, log: Optional[Callable[[StepLog], None]] = None,
+          on_finish: Optional[Callable[["Trainer"], None]] = None) -> TrainResult:
     """Start the runtime, resume if a checkpoint exists, train up to ``config.train.steps``,
     save as configured, tear down. Returns the logs of the steps this call ran (identical on
     every rank)."""
@@ -275,6 +289,8 @@ def train(config: Config, log: Optional[Callable[[StepLog], None]] = None) -> Tr
                 trainer.save()
         if config.train.save_final and (not interval or trainer.step_index % interval):
             trainer.save()
+        if on_finish is not None:  # collective: every rank runs it (e.g. a sample caption)
+            on_finish(trainer)
         return result
     finally:
         shutdown()

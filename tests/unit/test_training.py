@@ -202,3 +202,13 @@ def test_cli_unknown_override_returns_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.stepz" in err and "did you mean steps" in err
     assert not os.path.exists(tmp_path / "config.yaml")
+
+
+def test_default_run_smoke(tmp_path, capsys):
+    """The README's first command on its embedded default (tiny MM1-MoE, bundled data), cut to
+    3 steps: it trains, saves, says where, and captions a bundled image."""
+    assert main(["train", "train.steps=3", f"train.output_dir={tmp_path}/default"]) == 0
+    out = capsys.readouterr().out
+    assert "done: loss" in out and "checkpoints:" in out
+    assert "sample caption for bundled image" in out
+    assert (tmp_path / "default" / "checkpoints" / "step_00000003" / "complete.json").exists()

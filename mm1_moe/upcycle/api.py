@@ -1,0 +1,268 @@
+"""``upcycle``: a dense checkpoint (ours or a Hugging Face Llama folder) -> an MoE checkpoint that
+starts where the dense model ended, checked for function preservation.
+
+Everything runs in one process at TP = PP = EP = 1 on global tensors (``convert.py``), so any
+dense layout (a TP2 or PP2/VPP checkpoint reshards into the single-process dense model on load)
+upcycles into any MoE layout (the step-0 checkpoint reshards again when training loads it).
+The cost is the whole dense and MoE model in one process's memory.
+
+Output folder (a run folder, as ``mm1-moe train`` writes one):
+  <out>/checkpoints/step_00000000/   model, fresh (or carried) optimizer, scheduler, data position
+  <out>/config.yaml                  the MoE config with train.output_dir = <out>
+  <out>/upcycle.json                 the report (also written when verification fails)
+Continue with ``mm1-moe train --config <out>/config.yaml`` (resumes in <out>), or with any run
+folder and ``train.load_from=<out>/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..config import Config, ParallelConfig, dump_config, validate
+from ..models.builder import build_model_chunks
+from ..models.init import fill_from_global_
+from ..runtime import initialize, needs_cpu_compat, shutdown
+from ..training.checkpoint import complete_checkpoints
+from .carry import carried_state_fn, read_dense_optimizer
+from .convert import (
+    UpcycleError,
+    UpcyclePlan,
+    check_same_decoder,
+    expected_exact,
+    make_plan,
+    upcycle_state_dict,
+)
+from .save import fresh_optimizer_state_, write_checkpoint
+from .source import DenseSource, dense_config, global_state_dict, load_source_, resolve_source
+from .verify import compare
+
+REPORT = "upcycle.json"
+
+
+@dataclass
+class UpcycleReport:
+    """What ``upcycle`` did. ``ok`` is False only when verification ran, exact preservation was
+    expected, and the logits differ beyond the tolerance (then no checkpoint is written)."""
+
+    source: str
+    source_kind: str
+    out_dir: str
+    checkpoint: Optional[str]
+    moe_layers: List[int]
+    dense_layers: List[int]
+    num_experts: int
+    top_k: int
+    granularity: int
+    router_init: str
+    w2_scale: float
+    tensors_copied: int
+    tensors_upcycled: int
+    optimizer: str  # "fresh" or "carried"
+    exact_expected: bool
+    notes: List[str] = field(default_factory=list)
+    verified: bool = False
+    max_abs_diff: Optional[float] = None
+    max_abs_logit: Optional[float] = None
+    tolerance: Optional[float] = None
+
+    @property
+    def preserved(self) -> Optional[bool]:
+        """Logits within the fp32 tolerance (None when not verified)."""
+        if not self.verified:
+            return None
+        return self.max_abs_diff <= self.tolerance
+
+    @property
+    def ok(self) -> bool:
+        return not self.verified or bool(self.preserved) or not self.exact_expected
+
+    def to_dict(self) -> Dict:
+        return dict(asdict(self), preserved=self.preserved, ok=self.ok)
+
+    def summary(self) -> str:
+        lines = [f"upcycled {self.source} ({self.source_kind}): MoE layers {self.moe_layers}, "
+                 f"{self.num_experts} experts top-{self.top_k}, granularity {self.granularity}, "
+                 f"router {self.router_init}, expert w2 x {self.w2_scale:g}, optimizer "
+                 f"{self.optimizer}; {self.tensors_copied} tensors copied, "
+                 f"{self.tensors_upcycled} built"]
+        if self.verified:
+            verdict = ("preserved" if self.preserved else
+                       "NOT preserved" if self.exact_expected else "approximate, as expected")
+            lines.append(f"function check: max |logits MoE - dense| = {self.max_abs_diff:.3g} "
+                         f"(tolerance {self.tolerance:.3g}, max |logit| {self.max_abs_logit:.3g}): "
+                         f"{verdict}")
+        else:
+            lines.append("function check: skipped")
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"checkpoint: {self.checkpoint}" if self.checkpoint else
+                     "no checkpoint written (the function check failed; --no-verify skips it)")
+        return "\n".join(lines)
+
+
+def _single_process_config(config: Config, dtype: str) -> Config:
+    """``config`` at TP = PP = EP = 1 in ``dtype``, drawing no throwaway initial weights."""
+    out = copy.deepcopy(config)
+    out.parallel = ParallelConfig()
+    out.train.dtype = dtype
+    out.model.layout_invariant_init = False
+    return out
+
+
+def _check_out_dir(out_dir: str) -> None:
+    if complete_checkpoints(os.path.join(out_dir, "checkpoints")):
+        raise UpcycleError(f"{out_dir} already holds checkpoints: training there would resume "
+                           "from the newest one; choose an empty --out folder")
+
+
+def _check_single_process() -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise UpcycleError(f"upcycle runs as one process (WORLD_SIZE is {world}): run it without "
+                           "torchrun; the checkpoint it writes loads into any layout")
+
+
+def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: str = "zero",
+            router_std: float = 0.02, granularity: int = 1, scale_weights: bool = True,
+            verify: bool = True, carry_optimizer: bool = False,
+            log: Optional[Callable[[str], None]] = None) -> UpcycleReport:
+    """Upcycle ``dense_source`` into ``moe_config``'s MoE decoder and save it under ``out_dir``.
+
+    Args:
+        dense_source: our checkpoint (step folder, checkpoints root or run folder; any layout)
+            or a Hugging Face Llama folder.
+        moe_config: the MoE model to build; its decoder must have the dense model's shapes.
+        router_init: "zero" (uniform probabilities; exact preservation for every routing order)
+            or "random" (N(0, router_std) per copy; exact with normalized top-k).
+        granularity: G shards per dense FFN (expert_ffn_hidden_size = F / G, num_experts and
+            top_k multiples of G).
+        scale_weights: multiply expert w2 so the MoE output matches the dense one
+            (G with normalized top-k, E G / K with un-normalized softmax_topk).
+        verify: compare logits on a sample batch; a failure writes no checkpoint.
+        carry_optimizer: start Adam from the dense checkpoint's moments (see ``carry.py``).
+    Starts and tears down its own one-process runtime, as ``training.loop.train`` does.
+    """
+    say = log or (lambda _msg: None)
+    source, plan, dense_cfg = _prepare(dense_source, moe_config, out_dir, granularity,
+                                       router_init, router_std, scale_weights, carry_optimizer)
+    work = _single_process_config(moe_config, "fp32")
+    runtime = initialize(work)
+    try:
+        say(f"reading {source.path}")
+        dense_chunks, moments = _read_dense(source, dense_cfg, runtime, carry_optimizer)
+        dense_state = global_state_dict(dense_chunks)
+        moe_state = upcycle_state_dict(dense_state, plan)
+        moe_chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
+        _fill_(moe_chunks, moe_state)
+        report = _new_report(source, out_dir, plan, moe_config, dense_state, moe_state,
+                             carry_optimizer)
+        if verify:
+            say("comparing the MoE model's logits with the dense model's")
+            check = compare(dense_chunks, moe_chunks, work, runtime.device)
+            report.verified = True
+            report.max_abs_diff, report.max_abs_logit = check.max_abs_diff, check.max_abs_logit
+            report.tolerance = check.tolerance
+        del dense_chunks
+        if report.ok:
+            set_carried = carried_state_fn(moments, plan) if moments else None
+            report.checkpoint = _save(moe_config, moe_chunks, moe_state, out_dir, runtime,
+                                      set_carried)
+        _write_report(report, out_dir)
+        return report
+    finally:
+        shutdown()
+
+
+def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: int,
+             router_init: str, router_std: float, scale_weights: bool, carry_optimizer: bool):
+    """Every check that needs no model: (source, plan, dense config). Raises UpcycleError."""
+    _check_single_process()
+    source = resolve_source(dense_source)
+    if carry_optimizer and source.kind != "mm1-moe":
+        raise UpcycleError(f"carry_optimizer needs an mm1-moe checkpoint with optimizer state; "
+                           f"{source.path} is a {source.kind} folder")
+    validate(moe_config)
+    plan = make_plan(moe_config, granularity, router_init, router_std, scale_weights)
+    _check_out_dir(out_dir)
+    dense_cfg = dense_config(source, moe_config)
+    check_same_decoder(dense_cfg.model.decoder, moe_config.model.decoder, source.path)
+    if moe_config.train.dtype != "fp32" and needs_cpu_compat():
+        raise UpcycleError(f"train.dtype ({moe_config.train.dtype}) checkpoints hold the GPU-only "
+                           "mixed-precision optimizer's state: upcycle on a GPU machine, or for "
+                           "an fp32 run set train.dtype=fp32")
+    return source, plan, dense_cfg
+
+
+def _read_dense(source: DenseSource, dense_cfg: Config, runtime, carry_optimizer: bool):
+    """Single-process fp32 dense chunks loaded from the source, and (carry_optimizer) the
+    dense run's Adam moments."""
+    work = _single_process_config(dense_cfg, "fp32")
+    chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
+    if carry_optimizer:
+        return chunks, read_dense_optimizer(work, chunks, source.path)
+    load_source_(chunks, source, work)
+    return chunks, None
+
+
+def _new_report(source: DenseSource, out_dir: str, plan: UpcyclePlan, moe_config: Config,
+                dense_state: Dict, moe_state: Dict, carry_optimizer: bool) -> UpcycleReport:
+    exact, notes = expected_exact(plan, moe_config)
+    layers = range(moe_config.model.decoder.num_layers)
+    return UpcycleReport(
+        source.path, source.kind, out_dir, None, list(plan.moe_layers),
+        [i for i in layers if i not in plan.moe_layers], plan.num_experts, plan.top_k,
+        plan.granularity, plan.router_init, plan.w2_scale,
+        tensors_copied=len(set(dense_state) & set(moe_state)),
+        tensors_upcycled=len(set(moe_state) - set(dense_state)),
+        optimizer="carried" if carry_optimizer else "fresh", exact_expected=exact, notes=notes)
+
+
+def _fill_(chunks: List[torch.nn.Module], state: Dict[str, torch.Tensor]) -> None:
+    """Every parameter from ``state``; every tensor of ``state`` used (nothing silently left at
+    its random init, nothing silently dropped)."""
+    used = set()
+
+    def lookup(name: str, shape) -> torch.Tensor:
+        if name not in state:
+            raise UpcycleError(f"MoE model tensor {name} has no source in the upcycled state")
+        used.add(name)
+        return state[name]
+
+    try:
+        fill_from_global_(chunks, lookup)
+    except ValueError as err:  # a shape that differs (fill_from_global_ names the tensor)
+        raise UpcycleError(str(err)) from err
+    unused = sorted(set(state) - used)
+    if unused:
+        raise UpcycleError(f"dense tensors with no place in the MoE model: {unused[:8]}")
+
+
+def _save(moe_config: Config, chunks, state, out_dir: str, runtime, set_carried) -> str:
+    """Step-0 checkpoint in the MoE config's dtype (the optimizer's format depends on it)."""
+    save_cfg = _single_process_config(moe_config, moe_config.train.dtype)
+    if save_cfg.train.dtype != "fp32":  # the verified chunks are fp32: build the dtype's own
+        chunks = build_model_chunks(save_cfg, on_cpu=runtime.cpu_compat)
+        _fill_(chunks, state)
+    recorded = copy.deepcopy(moe_config)
+    recorded.train.output_dir, recorded.train.load_from = out_dir, None
+    os.makedirs(out_dir, exist_ok=True)
+    dump_config(recorded, os.path.join(out_dir, "config.yaml"))
+
+    def set_state(ddp_chunks, optimizer) -> None:
+        if set_carried is None:
+            fresh_optimizer_state_(optimizer)
+        else:
+            set_carried(ddp_chunks, optimizer)
+
+    return write_checkpoint(out_dir, save_cfg, chunks, recorded, set_state)
+
+
+def _write_report(report: UpcycleReport, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, REPORT), "w", encoding="utf-8") as handle:
+        json.dump(report.to_dict(), handle, indent=1)
