@@ -2,6 +2,8 @@
 
   mm1-moe train [--config YAML] [dotted.key=value ...]    train (also under torchrun)
   mm1-moe info  --config YAML [--tp N --pp N --ep N --dp N] [--json] [--family]
+  mm1-moe data inspect SHARD|FOLDER|YAML
+  mm1-moe upcycle --from DENSE --config MOE_YAML --out DIR [options] [dotted.key=value ...]
 
 Without ``--config``, ``train`` runs the embedded default (``configs/default.yaml``, shipped in
 the package as ``mm1_moe/default.yaml``): a tiny run on CPU in about a minute.
@@ -186,10 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--image-size", type=int, help="default 378")
     insp.add_argument("overrides", nargs="*", help="dotted overrides (configs only)")
     insp.set_defaults(func=_data_inspect)
+
+    from .upcycle.command import add_parser as add_upcycle_parser
+
+    add_upcycle_parser(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # Megatron warns at import that Apex/Transformer Engine are absent; we use neither on purpose
+    # (torch's optimizers and norms, our kernels): keep the console for the command's output.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

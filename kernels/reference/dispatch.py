@@ -58,8 +58,11 @@ def combine_ref(y_ND: torch.Tensor, weights_TK: Optional[torch.Tensor],
     """out[t] = sum over k (in order) of weights[t, k] * y_ND[inverse[t*K + k]]; dropped slots
     add 0. Computes in y's dtype (run it on fp32 inputs for an fp32 reference)."""
     T, K = meta.num_tokens, meta.top_k
-    if y_ND.shape[0] == 0:  # every slot dropped
-        return y_ND.new_zeros(T, y_ND.shape[1])
+    if y_ND.shape[0] == 0:  # every slot dropped, or no row came to this rank's experts
+        # stay on the autograd graph: under expert parallelism every rank must run the
+        # backward all-to-alls, also one whose experts got no rows (else the others hang)
+        out = y_ND.new_zeros(T, y_ND.shape[1]) + 0 * y_ND.sum()
+        return out if weights_TK is None else out + 0 * weights_TK.sum().to(out.dtype)
     inverse_TK = meta.inverse_TK.long().view(T, K)
     out_TD = y_ND.new_zeros(T, y_ND.shape[1])
     for k in range(K):

@@ -171,6 +171,9 @@ class DataConfig:
     tokenizer: str = ""
     """Hugging Face tokenizers JSON or SentencePiece .model with <image>, </s> and <pad>; empty:
     the bundled tokenizer (data/bundled/tokenizer.json, 253 tokens)."""
+    blank_images: bool = False
+    """Ablation: feed every image as all zeros (the normalised mean colour), so the model sees
+    where images are but not what they show."""
     pack_window: int = 16
     """Sequences filled together (first-fit) before any is emitted: more packs tighter."""
     seq_length: int = 4096
@@ -208,7 +211,7 @@ class TrainConfig:
     resume: bool = True
     """Continue from the newest complete checkpoint in <output_dir>/checkpoints, if any."""
     load_from: Optional[str] = None
-    """Start from this checkpoint (a step_* folder, or a checkpoints/ root) when the run has
+    """Start from this checkpoint (a step_* folder, a checkpoints/ root or a run folder) when the run has
     none of its own, e.g. one saved under another parallel layout (it reshards on load)."""
     peak_tflops: Optional[float] = None
     """Device peak for MFU; None looks the GPU up in a table (no MFU on CPU)."""

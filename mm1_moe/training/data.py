@@ -59,6 +59,7 @@ class MixtureData:
                 f"model.image_token_id ({config.model.image_token_id}) is not the tokenizer's "
                 f"<image> id ({self.image_token_id}, {self.loader.tokenizer.path})")
         self.sequence_length = tr.micro_batch_size * config.data.seq_length  # rows end to end
+        self.blank_images = config.data.blank_images
 
     @property
     def step(self) -> int:
@@ -66,6 +67,8 @@ class MixtureData:
 
     def next_step(self) -> Iterator[Dict[str, torch.Tensor]]:
         for batch in self.loader.next_step():
+            if self.blank_images:
+                batch.images = torch.zeros_like(batch.images)
             yield to_model_batch(batch, self.image_token_id)
 
     def state_dict(self) -> dict:

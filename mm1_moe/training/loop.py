@@ -23,7 +23,8 @@ from ..models.builder import build_model_chunks, wrap_ddp
 from ..moe.layer import MoELayer, MoEMetrics
 from ..runtime import Runtime, initialize, shutdown
 from .data import build_data
-from .checkpoint import COMPLETE, load_checkpoint, resume_latest, save_checkpoint
+from .checkpoint import (COMPLETE, complete_checkpoints, load_checkpoint, resume_latest,
+                         save_checkpoint)
 from .metrics import MetricsLog, device_peak_tflops, step_record
 from .optimizer import build_optimizer
 
@@ -257,10 +258,13 @@ class Trainer:
         if state is None and tr.load_from:
             if not os.path.isdir(tr.load_from):
                 raise FileNotFoundError(f"train.load_from ({tr.load_from!r}) does not exist")
-            if os.path.isfile(os.path.join(tr.load_from, COMPLETE)):
-                state = dict(self.load(tr.load_from), path=tr.load_from)
+            root = tr.load_from
+            if not complete_checkpoints(root) and os.path.isdir(os.path.join(root, "checkpoints")):
+                root = os.path.join(root, "checkpoints")  # a run folder
+            if os.path.isfile(os.path.join(root, COMPLETE)):
+                state = dict(self.load(root), path=root)
             else:
-                state = resume_latest(tr.load_from, self.load, report)
+                state = resume_latest(root, self.load, report)
             if state is None:
                 raise FileNotFoundError(f"train.load_from ({tr.load_from!r}) holds no complete "
                                         "checkpoint (step_* folder with complete.json)")

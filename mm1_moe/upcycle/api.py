@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..config import Config, ParallelConfig, dump_config, validate
+from ..config import Config, dump_config, validate
 from ..models.builder import build_model_chunks
 from ..models.init import fill_from_global_
 from ..runtime import initialize, needs_cpu_compat, shutdown
@@ -39,7 +39,14 @@ from .convert import (
     upcycle_state_dict,
 )
 from .save import fresh_optimizer_state_, write_checkpoint
-from .source import DenseSource, dense_config, global_state_dict, load_source_, resolve_source
+from .source import (
+    DenseSource,
+    dense_config,
+    global_state_dict,
+    load_source_,
+    resolve_source,
+    single_process_config,
+)
 from .verify import compare
 
 REPORT = "upcycle.json"
@@ -105,15 +112,6 @@ class UpcycleReport:
         return "\n".join(lines)
 
 
-def _single_process_config(config: Config, dtype: str) -> Config:
-    """``config`` at TP = PP = EP = 1 in ``dtype``, drawing no throwaway initial weights."""
-    out = copy.deepcopy(config)
-    out.parallel = ParallelConfig()
-    out.train.dtype = dtype
-    out.model.layout_invariant_init = False
-    return out
-
-
 def _check_out_dir(out_dir: str) -> None:
     if complete_checkpoints(os.path.join(out_dir, "checkpoints")):
         raise UpcycleError(f"{out_dir} already holds checkpoints: training there would resume "
@@ -150,7 +148,7 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
     say = log or (lambda _msg: None)
     source, plan, dense_cfg = _prepare(dense_source, moe_config, out_dir, granularity,
                                        router_init, router_std, scale_weights, carry_optimizer)
-    work = _single_process_config(moe_config, "fp32")
+    work = single_process_config(moe_config, "fp32")
     runtime = initialize(work)
     try:
         say(f"reading {source.path}")
@@ -201,7 +199,7 @@ def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: i
 def _read_dense(source: DenseSource, dense_cfg: Config, runtime, carry_optimizer: bool):
     """Single-process fp32 dense chunks loaded from the source, and (carry_optimizer) the
     dense run's Adam moments."""
-    work = _single_process_config(dense_cfg, "fp32")
+    work = single_process_config(dense_cfg, "fp32")
     chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
     if carry_optimizer:
         return chunks, read_dense_optimizer(work, chunks, source.path)
@@ -244,7 +242,7 @@ def _fill_(chunks: List[torch.nn.Module], state: Dict[str, torch.Tensor]) -> Non
 
 def _save(moe_config: Config, chunks, state, out_dir: str, runtime, set_carried) -> str:
     """Step-0 checkpoint in the MoE config's dtype (the optimizer's format depends on it)."""
-    save_cfg = _single_process_config(moe_config, moe_config.train.dtype)
+    save_cfg = single_process_config(moe_config, moe_config.train.dtype)
     if save_cfg.train.dtype != "fp32":  # the verified chunks are fp32: build the dtype's own
         chunks = build_model_chunks(save_cfg, on_cpu=runtime.cpu_compat)
         _fill_(chunks, state)

@@ -50,6 +50,7 @@ def write_checkpoint(out_dir: str, config: Config, chunks: List[torch.nn.Module]
     """Wrap ``chunks`` (filled, single process) for training, build ``config``'s optimizer,
     let ``set_state(ddp_chunks, optimizer)`` fill its state, and save step 0 under
     ``<out_dir>/checkpoints``. ``saved_config`` is what ``complete.json`` records."""
+    from ..training.data import build_data
     from ..training.loop import decoder_param_count
 
     for chunk in chunks:
@@ -57,5 +58,6 @@ def write_checkpoint(out_dir: str, config: Config, chunks: List[torch.nn.Module]
     ddp_chunks = wrap_ddp(config, chunks)
     optimizer, scheduler = build_optimizer(config, ddp_chunks, decoder_param_count(config))
     set_state(ddp_chunks, optimizer)
+    data_state = build_data(config, 0, 1).state_dict()  # a fresh pipeline's: start of the data
     return save_checkpoint(os.path.join(out_dir, "checkpoints"), 0, ddp_chunks, optimizer,
-                           scheduler, {"step": 0}, dump_config(saved_config))
+                           scheduler, data_state, dump_config(saved_config))

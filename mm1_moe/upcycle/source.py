@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List
 import torch
 import yaml
 
-from ..config import Config, ConfigError, config_from_dict, validate
+from ..config import Config, ConfigError, ParallelConfig, config_from_dict, validate
 from ..models.init import _sharded_tensors, layer_key, model_sharded_state_dict
 from ..training.checkpoint import COMPLETE, complete_checkpoints, read_meta
 from .convert import UpcycleError
@@ -91,6 +91,16 @@ def _check_hf_config(hf_config, config: Config, path: str) -> None:
     if diffs:
         raise UpcycleError("the Hugging Face model does not match the MoE config's decoder:\n  "
                            + "\n  ".join(diffs))
+
+
+def single_process_config(config: Config, dtype: str = "fp32") -> Config:
+    """``config`` at TP = PP = EP = 1 in ``dtype``, drawing no throwaway initial weights: how
+    upcycling builds every model (checkpoints reshard to and from this layout)."""
+    out = copy.deepcopy(config)
+    out.parallel = ParallelConfig()
+    out.train.dtype = dtype
+    out.model.layout_invariant_init = False
+    return out
 
 
 def _as_dense(config: Config) -> Config:

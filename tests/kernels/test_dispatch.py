@@ -420,3 +420,15 @@ def test_kernels_compile_for_gpu():
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
     print(json.dumps(_compile_all(int(sys.argv[2]))))
+
+
+def test_reference_combine_of_no_rows_stays_on_the_graph():
+    """An expert-parallel rank whose experts got no rows must still run the backward (its
+    all-to-alls are collective): the combine of zero rows keeps the autograd graph."""
+    from mm1_moe.kernels.reference.dispatch import combine_ref, dispatch_metadata_ref
+
+    meta = dispatch_metadata_ref(torch.zeros(0, 1, dtype=torch.int32), 2)  # nothing received
+    y = torch.zeros(0, 4, requires_grad=True)
+    out = combine_ref(y, None, meta)
+    out.sum().backward()  # raised "does not require grad" when the graph was cut
+    assert y.grad is not None and y.grad.shape == (0, 4)
