@@ -25,6 +25,7 @@ EXTRAS = {
     "test": ["pytest", "transformers", "safetensors"],
     "gpu": ["flash-attn"],  # optional benchmark baseline; cannot build without CUDA
     "sentencepiece": ["sentencepiece"],  # SentencePiece .model tokenizers
+    "bench": ["matplotlib"],  # benchmarks/plot.py
 }
 
 setup(

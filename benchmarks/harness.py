@@ -82,6 +82,9 @@ def ceilings(smoke: bool = False) -> Ceilings:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; MM1_BENCH_COMMIT wins (a copied tree may have no .git)."""
+    if os.environ.get("MM1_BENCH_COMMIT"):
+        return os.environ["MM1_BENCH_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,

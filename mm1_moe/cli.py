@@ -3,6 +3,7 @@
   mm1-moe train [--config YAML] [dotted.key=value ...]    train (also under torchrun)
   mm1-moe info  --config YAML [--tp N --pp N --ep N --dp N] [--json] [--family]
   mm1-moe data inspect SHARD|FOLDER|YAML
+  mm1-moe bench experts|layer|step|kernels|attention|data|plot [ARGS]   (source checkout)
   mm1-moe upcycle --from DENSE --config MOE_YAML --out DIR [options] [dotted.key=value ...]
 
 Without ``--config``, ``train`` runs the embedded default (``configs/default.yaml``, shipped in
@@ -147,6 +148,16 @@ def _module_tree_check(config, report) -> dict:
     return {**tree, "formula_total": formula, "matches_formula": tree["total"] == formula}
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark
+
+    try:
+        return run_benchmark(args.mode, args.args)
+    except FileNotFoundError as err:
+        print(f"mm1-moe bench: {err}", file=sys.stderr)
+        return 2
+
+
 def _data_inspect(args: argparse.Namespace) -> int:
     from .data.inspect import run_inspect
 
@@ -188,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--image-size", type=int, help="default 378")
     insp.add_argument("overrides", nargs="*", help="dotted overrides (configs only)")
     insp.set_defaults(func=_data_inspect)
+
+    from .bench import MODES as BENCH_MODES
+
+    bench = sub.add_parser("bench", help="run a benchmark script (benchmarks/ of the checkout)")
+    bench.add_argument("mode", choices=list(BENCH_MODES),
+                       help="experts | layer: bench_moe_layer.py; step: bench_step.py; kernels, "
+                            "attention, data: bench_<name>.py; plot: plot.py")
+    bench.add_argument("args", nargs=argparse.REMAINDER,
+                       help="the script's own options, e.g. --config YAML --tokens 16384 --ep 1 "
+                            "--smoke --out DIR (MODE --help lists them)")
+    bench.set_defaults(func=_bench)
 
     from .upcycle.command import add_parser as add_upcycle_parser
 
