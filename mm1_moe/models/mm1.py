@@ -101,6 +101,17 @@ class MM1Model(MegatronModule):
                                                   sharded_offsets, metadata))
         return out
 
+    _OWN_PARTS = ("vision_model.", "connector.")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts what ``sharded_state_dict`` names (a checkpoint: the decoder under GPTModel's
+        own names) as well as ``state_dict()``'s (``language_model.``-prefixed) keys."""
+        mapped = {}
+        for key, value in state_dict.items():
+            plain = key.startswith(self._OWN_PARTS) or key.startswith("language_model.")
+            mapped[key if plain else f"language_model.{key}"] = value
+        return super().load_state_dict(mapped, strict=strict, assign=assign)
+
     # -------------------------------------------------------------- image path
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """ViT only: [I, 3, H, H] -> [I, P, W] (first stage)."""

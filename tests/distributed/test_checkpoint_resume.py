@@ -102,3 +102,21 @@ def test_missing_load_from_is_named(tmp_path):
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "nowhere" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_mm1_moe_default_run_resumes_exactly(tmp_path):
+    """The default run (MM1 with images, MoE, the data mixture): a resumed run restores the
+    model chunks (MM1Model names its decoder as GPTModel does), the optimizer and the data
+    loader's position, so steps 3-4 repeat bit for bit."""
+    out = tmp_path / "mm1"
+    base = [sys.executable, "-m", "mm1_moe.cli", "train", f"train.output_dir={out}",
+            "train.steps=4", "train.save_interval=2", "train.log_interval=1"]
+    for attempt in range(2):
+        proc = subprocess.run(base, cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if attempt == 0:
+            first = _losses(out)
+            shutil.rmtree(out / "checkpoints" / "step_00000004")
+    assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+    assert _losses(out) == first
