@@ -179,12 +179,9 @@ def main() -> int:
     print(f"\nloader workers (cores) one GPU needs at {MFU:.0%} MFU of {DENSE_BF16_TFLOPS:.0f} "
           f"TFLOP/s, mixture at {mixture:.2f} seq/s per core:")
     harness.print_table(demand, ["config", "gpu_seq_per_s", "workers_per_gpu"])
-    if not args.no_csv:
-        extra = {"seq_length": spec.seq_length, "image_size": spec.image_size,
-                 "tokens_per_image": spec.tokens_per_image, "cpu_count": os.cpu_count(),
-                 "smoke": int(smoke)}
-        path = harness.append_rows("data", [{**r, **extra} for r in rows], args.out, smoke)
-        print(f"rows appended to {path}")
+    harness.save_results("data", rows, args, smoke, seq_length=spec.seq_length,
+                         image_size=spec.image_size, tokens_per_image=spec.tokens_per_image,
+                         cpu_count=os.cpu_count())
     return 0
 
 

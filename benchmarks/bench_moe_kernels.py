@@ -185,11 +185,7 @@ def main() -> int:
     _vs_best_peer(rows)
     harness.print_table(rows, ["op", "config", "tokens", "impl", "ms", "rate", "unit",
                                "of_ceiling", "vs_best_peer"])
-    if not args.no_csv:
-        extra = {"copy_gbps": ceil.copy_gbps, "matmul_tflops": ceil.matmul_tflops,
-                 "smoke": int(smoke)}
-        path = harness.append_rows("moe_kernels", [{**r, **extra} for r in rows], args.out, smoke)
-        print(f"rows appended to {path}")
+    harness.save_results("moe_kernels", rows, args, smoke, ceil)
     return 0
 
 

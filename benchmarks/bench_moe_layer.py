@@ -298,11 +298,7 @@ def _report(rows, ceil, smoke: bool, args) -> None:
     harness.print_table(rows, COLUMNS)
     for line in targets(rows, smoke):
         print(line)
-    if not args.no_csv:
-        extra = {"copy_gbps": ceil.copy_gbps, "matmul_tflops": ceil.matmul_tflops,
-                 "smoke": int(smoke)}
-        path = harness.append_rows("moe_layer", [{**r, **extra} for r in rows], args.out, smoke)
-        print(f"rows appended to {path}")
+    harness.save_results("moe_layer", rows, args, smoke, ceil)
 
 
 if __name__ == "__main__":

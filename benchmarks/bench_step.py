@@ -201,11 +201,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       args.micro_batches, ceil)
     print("step of the shrunk MM1 with images (ours: Triton MoE and attention kernels)")
     harness.print_table(rows, COLUMNS)
-    if not args.no_csv:
-        extra = {"copy_gbps": ceil.copy_gbps, "matmul_tflops": ceil.matmul_tflops,
-                 "smoke": int(smoke)}
-        path = harness.append_rows("step", [{**r, **extra} for r in rows], args.out, smoke)
-        print(f"rows appended to {path}")
+    harness.save_results("step", rows, args, smoke, ceil)
     return 0
 
 

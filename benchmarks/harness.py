@@ -138,6 +138,20 @@ def append_rows(name: str, rows: Iterable[Dict[str, object]], out_dir: str = RES
     return path
 
 
+def save_results(name: str, rows: List[Dict[str, object]], args, smoke: bool,
+                 ceil: Optional[Ceilings] = None, **columns: object) -> None:
+    """What every script ends with: unless ``--no-csv``, append ``rows`` to ``<args.out>/<name>``
+    with the run's ceilings, the smoke flag and any ``columns`` on each row, and say where."""
+    if args.no_csv:
+        return
+    extra: Dict[str, object] = dict(columns)
+    if ceil is not None:
+        extra.update(copy_gbps=ceil.copy_gbps, matmul_tflops=ceil.matmul_tflops)
+    extra["smoke"] = int(smoke)
+    path = append_rows(name, [{**row, **extra} for row in rows], args.out, smoke)
+    print(f"rows appended to {path}")
+
+
 def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
     """A plain aligned table of ``columns`` from ``rows`` (floats with 3 significant digits)."""
 

@@ -20,7 +20,7 @@ dict, so any TP/PP layout loads the same checkpoint.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Set
+from typing import Callable, Dict, Iterable, List, Mapping, Set
 
 import torch
 
@@ -159,6 +159,19 @@ def _shared_to_hf(state: Mapping[str, torch.Tensor], config: Config) -> Dict[str
     return out
 
 
+def _export_to_hf(state: Mapping[str, torch.Tensor], config: Config,
+                  layer_ffn: Callable[[int], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """A Hugging Face state dict: the shared parts plus ``layer_ffn(i)``'s FFN tensors of each
+    layer, as contiguous copies. A tensor missing from ``state`` is an InteropError naming it."""
+    try:
+        out = _shared_to_hf(state, config)
+        for i in range(config.model.decoder.num_layers):
+            out.update(layer_ffn(i))
+    except KeyError as err:
+        raise InteropError(f"tensor {err.args[0]} missing from the decoder state") from None
+    return {k: t.contiguous().clone() for k, t in out.items()}
+
+
 def _load_full_(chunks: Iterable[torch.nn.Module], full: Mapping[str, torch.Tensor], family: str) -> int:
     """Fill this rank's chunks from a converted full state dict; every parameter needs a source."""
 
@@ -193,19 +206,14 @@ def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[
 
 def llama_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
     """The inverse of :func:`megatron_from_llama` (vocab padding dropped). Strict."""
-    dec = config.model.decoder
-    try:
-        out = _shared_to_hf(state, config)
-        for i in range(dec.num_layers):
-            p, o = f"model.layers.{i}", f"decoder.layers.{i}"
-            gate, up = torch.chunk(state[f"{o}.mlp.linear_fc1.weight"], 2)
-            out.update({
-                f"{p}.mlp.gate_proj.weight": gate, f"{p}.mlp.up_proj.weight": up,
-                f"{p}.mlp.down_proj.weight": state[f"{o}.mlp.linear_fc2.weight"],
-            })
-    except KeyError as err:
-        raise InteropError(f"tensor {err.args[0]} missing from the decoder state") from None
-    return {k: t.contiguous().clone() for k, t in out.items()}
+
+    def layer_ffn(i: int) -> Dict[str, torch.Tensor]:
+        p, o = f"model.layers.{i}", f"decoder.layers.{i}"
+        gate, up = torch.chunk(state[f"{o}.mlp.linear_fc1.weight"], 2)
+        return {f"{p}.mlp.gate_proj.weight": gate, f"{p}.mlp.up_proj.weight": up,
+                f"{p}.mlp.down_proj.weight": state[f"{o}.mlp.linear_fc2.weight"]}
+
+    return _export_to_hf(state, config, layer_ffn)
 
 
 def load_llama_(chunks: Iterable[torch.nn.Module], hf: Mapping[str, torch.Tensor], config: Config) -> int:

@@ -36,9 +36,9 @@ from .llama import (
     _check_names,
     _check_shape,
     _expected_shared_names,
+    _export_to_hf,
     _load_full_,
     _shared_from_hf,
-    _shared_to_hf,
 )
 
 __all__ = ["mixtral_config", "megatron_from_mixtral", "mixtral_from_megatron", "load_mixtral_"]
@@ -134,18 +134,16 @@ def mixtral_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> 
     _require_mixtral_expressible(config)
     dec = config.model.decoder
     E, D, F = dec.moe.num_experts, dec.hidden_size, _expert_ffn(config)
-    try:
-        out = _shared_to_hf(state, config)
-        for i in range(dec.num_layers):
-            router, gate_up, down = _hf_moe_names(i)
-            o = f"decoder.layers.{i}.mlp"
-            out[router] = _check_shape(f"{o}.router.weight", state[f"{o}.router.weight"], (E, D))
-            w1 = _check_shape(f"{o}.experts.w1", state[f"{o}.experts.w1"], (E, D, 2 * F))
-            w2 = _check_shape(f"{o}.experts.w2", state[f"{o}.experts.w2"], (E, F, D))
-            out[gate_up], out[down] = w1.transpose(1, 2), w2.transpose(1, 2)
-    except KeyError as err:
-        raise InteropError(f"tensor {err.args[0]} missing from the decoder state") from None
-    return {k: t.contiguous().clone() for k, t in out.items()}
+
+    def layer_ffn(i: int) -> Dict[str, torch.Tensor]:
+        router, gate_up, down = _hf_moe_names(i)
+        o = f"decoder.layers.{i}.mlp"
+        gate = _check_shape(f"{o}.router.weight", state[f"{o}.router.weight"], (E, D))
+        w1 = _check_shape(f"{o}.experts.w1", state[f"{o}.experts.w1"], (E, D, 2 * F))
+        w2 = _check_shape(f"{o}.experts.w2", state[f"{o}.experts.w2"], (E, F, D))
+        return {router: gate, gate_up: w1.transpose(1, 2), down: w2.transpose(1, 2)}
+
+    return _export_to_hf(state, config, layer_ffn)
 
 
 def load_mixtral_(chunks: Iterable[torch.nn.Module], hf: Mapping[str, torch.Tensor], config: Config) -> int:
