@@ -13,6 +13,8 @@ from mm1_moe.interop import InteropError, llama_config, llama_from_megatron, loa
 from mm1_moe.models.builder import build_model_chunks
 from mm1_moe.runtime import initialize, shutdown
 
+from _reference_models import assert_decoder_logits_match, loads_every_parameter, perturbed  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -24,11 +26,7 @@ def _started(configs_dir, *overrides):
 
 def _random_llama(config, seed=0):
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(llama_config(config)).eval()
-    with torch.no_grad():  # HF's init leaves norms at 1: perturb everything so all weights matter
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
+    return perturbed(transformers.LlamaForCausalLM(llama_config(config)))
 
 
 # Each row: what it exercises.
@@ -45,20 +43,9 @@ def test_logits_match_transformers_llama(configs_dir, overrides):
     try:
         hf = _random_llama(config)
         (ours,) = build_model_chunks(config, on_cpu=True)
-        with torch.no_grad():
-            for p in ours.parameters():
-                p.fill_(float("nan"))
-        load_llama_([ours], hf.state_dict(), config)
-        assert not any(torch.isnan(p).any() for p in ours.parameters()), "a tensor was not loaded"
-        ours.eval()
-        vocab = config.model.decoder.vocab_size
-        tokens = torch.randint(0, vocab, (2, 37))
-        with torch.no_grad():
-            expected = hf(tokens).logits
-            got = ours(tokens, torch.arange(37).expand(2, -1), attention_mask=None)
-        assert got.shape[-1] == config.model.decoder.padded_vocab_size
+        loads_every_parameter(ours, lambda: load_llama_([ours], hf.state_dict(), config))
         # fp32 end to end; measured max error 9e-8 on logits of magnitude ~1e1
-        torch.testing.assert_close(got[..., :vocab], expected, rtol=1e-5, atol=1e-5)
+        assert_decoder_logits_match(ours, hf, config)
     finally:
         shutdown()
 

@@ -18,6 +18,8 @@ from mm1_moe.interop import (
 from mm1_moe.models.builder import build_model_chunks
 from mm1_moe.runtime import initialize, shutdown
 
+from _reference_models import assert_decoder_logits_match, loads_every_parameter, perturbed  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 
 # Mixtral-expressible tiny MoE: every layer MoE, renormalised top-k; 5 experts (prime, so no
@@ -35,11 +37,7 @@ def _random_mixtral(config, seed=0):
     torch.manual_seed(seed)
     hf_config = mixtral_config(config)
     hf_config._experts_implementation = "eager"  # the per-expert loop of modeling_mixtral.py
-    model = transformers.MixtralForCausalLM(hf_config).eval()
-    with torch.no_grad():  # HF's init leaves norms at 1: perturb everything so all weights matter
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
+    return perturbed(transformers.MixtralForCausalLM(hf_config))
 
 
 CASES = {
@@ -58,21 +56,12 @@ def test_logits_match_transformers_mixtral(configs_dir, overrides):
     try:
         hf = _random_mixtral(config)
         (ours,) = build_model_chunks(config, on_cpu=True)
-        with torch.no_grad():
-            for p in ours.parameters():
-                p.fill_(float("nan"))
-        assert load_mixtral_([ours], hf.state_dict(), config) == len(list(ours.parameters()))
-        assert not any(torch.isnan(p).any() for p in ours.parameters()), "a tensor was not loaded"
-        ours.eval()
-        vocab = config.model.decoder.vocab_size
-        tokens = torch.randint(0, vocab, (2, 37))
-        with torch.no_grad():
-            expected = hf(tokens).logits
-            got = ours(tokens, torch.arange(37).expand(2, -1), attention_mask=None)
-        assert got.shape[-1] == config.model.decoder.padded_vocab_size
+        loaded = loads_every_parameter(
+            ours, lambda: load_mixtral_([ours], hf.state_dict(), config))
+        assert loaded == len(list(ours.parameters()))
         # fp32 end to end; measured max abs error 9e-8 (all three cases) on logits of magnitude
         # ~0.35; swapping gate and up in the converter gives 5e-3, so 1e-5 has a wide margin
-        torch.testing.assert_close(got[..., :vocab], expected, rtol=1e-5, atol=1e-5)
+        assert_decoder_logits_match(ours, hf, config)
     finally:
         shutdown()
 

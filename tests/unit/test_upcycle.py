@@ -22,6 +22,8 @@ from mm1_moe.upcycle import convert as convert_module
 from mm1_moe.upcycle.command import add_parser
 from mm1_moe.upcycle.verify import ATOL, RTOL
 
+from _reference_models import perturbed
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DENSE, MOE = str(CONFIGS / "tiny-dense.yaml"), str(CONFIGS / "tiny-moe.yaml")
 GRANULAR = ["model.decoder.moe.num_experts=8", "model.decoder.moe.top_k=4",
@@ -153,10 +155,7 @@ def hf_llama(tmp_path_factory):
     from mm1_moe.interop import llama_config
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(llama_config(_moe())).eval()
-    with torch.no_grad():  # HF leaves norms at 1: perturb everything so every weight matters
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
+    model = perturbed(transformers.LlamaForCausalLM(llama_config(_moe())))
     folder = tmp_path_factory.mktemp("llama")
     model.save_pretrained(folder)
     return str(folder), model

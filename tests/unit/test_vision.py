@@ -13,6 +13,8 @@ from mm1_moe.interop import InteropError, clip_vision_config, load_clip_vision_,
 from mm1_moe.models.vision import VisionTransformer, interpolate_positions, vision_transformer_config
 from mm1_moe.runtime import initialize, shutdown
 
+from _reference_models import loads_every_parameter, perturbed  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -35,20 +37,13 @@ def _config(configs_dir, activation="gelu"):
 
 def _random_clip(config, seed=0):
     torch.manual_seed(seed)
-    model = transformers.CLIPVisionModel(clip_vision_config(config)).eval()
-    with torch.no_grad():  # HF's init leaves norms at 1 and biases at 0: perturb everything
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
+    return perturbed(transformers.CLIPVisionModel(clip_vision_config(config)))
 
 
 def _loaded_vit(config, hf):
     vit = VisionTransformer(config, vision_transformer_config(config, use_cpu_initialization=True))
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.fill_(float("nan"))
-    assert load_clip_vision_(vit, hf.state_dict(), config) == 5 + 12 * config.model.vision.depth
-    assert not any(torch.isnan(p).any() for p in vit.parameters()), "a tensor was not loaded"
+    loaded = loads_every_parameter(vit, lambda: load_clip_vision_(vit, hf.state_dict(), config))
+    assert loaded == 5 + 12 * config.model.vision.depth
     return vit.eval()
 
 
