@@ -36,6 +36,33 @@ class CompileRequest:
     aligned: bool = True
     """Mark every pointer 16-byte aligned, as a real launch of torch-allocated tensors does:
     without the hint Triton barely multi-buffers and under-reports shared memory ~3x."""
+    aligned_ints: bool = False
+    """Also mark the i32 arguments divisible by 16, as a launch specializes such values (the
+    attention kernels need it to vectorize their K/V loads into cp.async and pipeline)."""
+
+    @classmethod
+    def for_kernel(cls, kernel, types: Mapping[str, str], constexprs: Mapping[str, object],
+                   capability: int = 90, **options: int) -> "CompileRequest":
+        """A request for a ``@triton.jit`` kernel (also an interpreted one): ``types`` gives
+        the runtime arguments' Triton types, every name in ``constexprs`` becomes a constexpr."""
+        fn = getattr(kernel, "fn", kernel)
+        signature = {name: "constexpr" if name in constexprs else types[name]
+                     for name in kernel.arg_names}
+        return cls(fn.__module__, fn.__name__, signature, dict(constexprs), capability,
+                   **options)
+
+
+def _encode(value: object) -> object:
+    """Constexprs cross to the child as JSON; Triton dtypes (ACC_DTYPE=tl.float32) by name."""
+    import triton.language as tl
+
+    return {"tl.dtype": str(value)} if isinstance(value, tl.dtype) else value
+
+
+def _decode(value: object) -> object:
+    import triton.language as tl
+
+    return tl.dtype(value["tl.dtype"]) if isinstance(value, dict) and "tl.dtype" in value else value
 
 
 def _compile_here(req: CompileRequest) -> int:
@@ -51,33 +78,65 @@ def _compile_here(req: CompileRequest) -> int:
     attrs = {}
     if req.aligned:
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
-                 for name, kind in req.signature.items() if kind.startswith("*")}
-    source = ASTSource(fn, signature=dict(req.signature), constexprs=dict(req.constexprs),
+                 for name, kind in req.signature.items()
+                 if kind.startswith("*") or (req.aligned_ints and kind == "i32")}
+    constexprs = {k: _decode(v) for k, v in req.constexprs.items()}
+    source = ASTSource(fn, signature=dict(req.signature), constexprs=constexprs,
                        attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", req.capability, 32),
                               options={"num_warps": req.num_warps, "num_stages": req.num_stages})
     return int(compiled.metadata.shared)
 
 
-def _compile_in_child(requests: List[CompileRequest]) -> List[object]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache
-        payload = json.dumps([asdict(r) for r in requests])
-        proc = subprocess.run([sys.executable, "-m", __name__], input=payload, env=env,
-                              capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compile child failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class CompileJob:
+    """``compile_report`` started in the background, so a test module can overlap it with its
+    interpreter tests (the compile child takes the second core). ``results()`` waits."""
+
+    def __init__(self, requests: List[CompileRequest]):
+        self._proc = None
+        if not INTERPRET:  # a GPU process compiles in place
+            self._results: List[object] = [_try(r) for r in requests]
+            return
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe turns it on when CPU-only
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's FutureWarning
+        self._cache = tempfile.TemporaryDirectory()
+        env["TRITON_CACHE_DIR"] = self._cache.name
+        payload = os.path.join(self._cache.name, "requests.json")
+        with open(payload, "w", encoding="utf-8") as handle:
+            json.dump([dict(asdict(r), constexprs={k: _encode(v) for k, v in
+                                                   r.constexprs.items()}) for r in requests],
+                      handle)
+        self._proc = subprocess.Popen([sys.executable, "-m", __name__, payload], env=env,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def results(self, timeout: float = 900) -> List[object]:
+        if self._proc is not None:
+            out, err = self._proc.communicate(timeout=timeout)
+            self._cache.cleanup()
+            if self._proc.returncode != 0:
+                raise RuntimeError(f"compile child failed:\n{err[-4000:]}")
+            self._results, self._proc = json.loads(out.strip().splitlines()[-1]), None
+        return self._results
+
+    def cancel(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+            self._cache.cleanup()
+
+
+def compile_report(requests: List[CompileRequest]) -> List[object]:
+    """Per request: its shared memory in bytes, or the compile error as text (nothing raises,
+    so a test can report each row on its own)."""
+    return CompileJob(requests).results()
 
 
 def compile_many(requests: List[CompileRequest]) -> List[int]:
     """Shared memory (bytes per block) of each request. Raises naming the kernel on a compile
     error or when its shared memory exceeds the card's limit."""
-    results = ([_try(r) for r in requests] if not INTERPRET else _compile_in_child(requests))
     shared = []
-    for req, res in zip(requests, results):
+    for req, res in zip(requests, compile_report(requests)):
         if isinstance(res, str):
             raise RuntimeError(f"{req.module}.{req.kernel} on sm_{req.capability}: {res}")
         limit = SHARED_MEMORY_LIMIT[req.capability]
@@ -105,6 +164,7 @@ def compile_for_target(kernel, signature: Mapping[str, str], constexprs: Mapping
     return compile_many([req])[0]
 
 
-if __name__ == "__main__":  # the child: requests on stdin, one JSON list on the last line
-    reqs = [CompileRequest(**r) for r in json.loads(sys.stdin.read())]
+if __name__ == "__main__":  # the child: a JSON file of requests; one JSON list on the last line
+    with open(sys.argv[1], encoding="utf-8") as handle:
+        reqs = [CompileRequest(**r) for r in json.load(handle)]
     print(json.dumps([_try(r) for r in reqs]))

@@ -6,7 +6,6 @@ Shape legend: B batch, S sequence, Hq / Hkv query / kv heads, Dh head dim.
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET).
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -183,67 +182,61 @@ def test_bad_inputs_are_refused():
         flash_attention(q, k, v)
 
 
-# The compile runs in a fresh process without TRITON_INTERPRET: kernels that call other
-# @triton.jit helpers cannot be compiled from interpreted functions. Runtime launches specialise
-# 16-divisible integers and 16-aligned pointers (tt.divisibility); the compile gets the same hints
-# (patched into ASTSource), else the compiler cannot vectorise the K/V loads into cp.async,
+# kernels.compile_check compiles in a child process without TRITON_INTERPRET: kernels that call
+# other @triton.jit helpers cannot be compiled from interpreted functions. Runtime launches
+# specialise 16-divisible integers and 16-aligned pointers (tt.divisibility); the compile gets the
+# same hints (aligned_ints), else the compiler cannot vectorise the K/V loads into cp.async,
 # skips the software pipelining and under-reports shared memory (65 KB instead of 230 KB).
-_COMPILE_SCRIPT = r"""
-import json, sys
-import triton.compiler
-import triton.language as tl
-_ast = triton.compiler.ASTSource
-def _hinted(fn, signature, constexprs=None, attrs=None):
-    div = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-           if signature[n] not in ("constexpr", "fp32")}
-    return _ast(fn, signature, constexprs, div)
-triton.compiler.ASTSource = _hinted
-from mm1_moe.kernels import attention as A, attention_bwd as AB
-from mm1_moe.kernels.compile_check import compile_for_target
-cap = int(sys.argv[1])
-PTR = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr",
-                            "dv_ptr")}
-PTR.update(lse_ptr="*fp32", delta_ptr="*fp32", dlse_ptr="*fp32", docs_ptr="*i32",
-           ranges_ptr="*i32")
-out = {}
-# Dh=128 with causal + documents: the largest tiles and every code path (head dims 64 and 80
-# use the same or smaller tiles; masks take no shared memory).
-for Dh, causal, kernels in ((128, True, ("fwd", "dkdv", "dq")),):
+_POINTERS = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr",
+                                  "dk_ptr", "dv_ptr")}
+_POINTERS.update(lse_ptr="*fp32", delta_ptr="*fp32", dlse_ptr="*fp32", docs_ptr="*i32",
+                 ranges_ptr="*i32")
+
+
+def _compile_requests(cap):
+    """Dh=128 with causal + documents: the largest tiles and every code path (head dims 64 and
+    80 use the same or smaller tiles; masks take no shared memory); and the preprocess."""
+    import triton.language as tl
+
+    from mm1_moe.kernels import attention as A, attention_bwd as AB
+    from mm1_moe.kernels.compile_check import CompileRequest
+
+    def types(kernel):
+        return {n: _POINTERS.get(n, "fp32" if n.endswith("scale") else "i32")
+                for n in kernel.arg_names}
+
+    Dh, causal = 128, True
     b, bd = A.gpu_blocks(Dh, cap), A.next_pow2(Dh)
-    for name in kernels:
-        kernel, bm, bn, warps, stages = {
+    requests = {}
+    for name, (kernel, bm, bn, warps, stages) in {
             "fwd": (A._attn_fwd_kernel, b.fwd_m, b.fwd_n, b.fwd_warps, b.fwd_stages),
             "dkdv": (AB._attn_bwd_dkdv_kernel, b.dkdv_m, b.dkdv_n, b.bwd_warps, b.bwd_stages),
-            "dq": (AB._attn_bwd_dq_kernel, b.dq_m, b.dq_n, b.bwd_warps, b.bwd_stages)}[name]
+            "dq": (AB._attn_bwd_dq_kernel, b.dq_m, b.dq_n, b.bwd_warps, b.bwd_stages)}.items():
         const = dict(CAUSAL=causal, HAS_DOCS=causal, PAD_D=bd != Dh, UPCAST=False,
                      ACC_DTYPE=tl.float32, PRECISION="tf32", BM=bm, BN=bn, BD=bd)
-        sig = {n: "constexpr" if n in const else PTR.get(n, "fp32" if n.endswith("scale")
-                                                         else "i32") for n in kernel.arg_names}
-        out[f"{name}_dh{Dh}"] = compile_for_target(kernel, sig, const, cap, warps, stages)
-const = dict(HAS_DLSE=True, ACC_DTYPE=tl.float32, BS=AB.PREPROCESS_ROWS, BD=128)
-kernel = AB._attn_bwd_preprocess_kernel
-sig = {n: "constexpr" if n in const else PTR.get(n, "i32") for n in kernel.arg_names}
-out["preprocess"] = compile_for_target(kernel, sig, const, cap)
-print(json.dumps(out))
-"""
+        requests[f"{name}_dh{Dh}"] = CompileRequest.for_kernel(
+            kernel, types(kernel), const, cap, num_warps=warps, num_stages=stages,
+            aligned_ints=True)
+    kernel = AB._attn_bwd_preprocess_kernel
+    requests["preprocess"] = CompileRequest.for_kernel(
+        kernel, {n: _POINTERS.get(n, "i32") for n in kernel.arg_names},
+        dict(HAS_DLSE=True, ACC_DTYPE=tl.float32, BS=AB.PREPROCESS_ROWS, BD=128), cap,
+        aligned_ints=True)
+    return requests
 
 
 def test_kernels_compile_for_sm90_and_sm80_within_shared_memory():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    procs = {cap: subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(cap)], cwd=REPO,
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True) for cap in (90, 80)}
-    for cap, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{cap}:\n{stderr[-3000:]}"
-        shared = json.loads(stdout.strip().splitlines()[-1])
-        # compile_for_target raised if any exceeded the card's limit. The forward's K and V
-        # tiles must be buffered num_stages deep (bf16), or the hints did not reach the compiler
-        # and the loop is not pipelined.
+    from mm1_moe.kernels.compile_check import compile_many
+
+    requests = {(cap, name): req for cap in (90, 80)
+                for name, req in _compile_requests(cap).items()}
+    # compile_many raises if any exceeds the card's limit
+    shared = dict(zip(requests, compile_many(list(requests.values()))))
+    for cap in (90, 80):
+        # The forward's K and V tiles must be buffered num_stages deep (bf16), or the hints did
+        # not reach the compiler and the loop is not pipelined.
         b = gpu_blocks(128, cap)
-        assert shared["fwd_dh128"] >= b.fwd_stages * 2 * b.fwd_n * 128 * 2, (cap, shared)
+        assert shared[cap, "fwd_dh128"] >= b.fwd_stages * 2 * b.fwd_n * 128 * 2, (cap, shared)
 
 
 def test_benchmark_smoke_runs():

@@ -11,10 +11,6 @@ sm90/sm80 in a subprocess (see test_kernels_compile_for_gpu).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -360,18 +356,15 @@ def test_bf16_ratio_rule(T, K, E, D):
         assert (a - r).abs().max() <= 2 * (b16 - r).abs().max() + 1e-6
 
 
-def _compile_all(capability):
-    """Compile every kernel variant for sm_<capability> with bf16 data at the tiles the launchers
-    pick on a GPU (T*K = 32K routed slots; D, e.g. 4096, is a runtime argument and the row
-    kernels loop over it); returns {name: shared bytes}. Must run without TRITON_INTERPRET:
-    under the interpreter Triton's own @jit helpers (tl.sum, tl.cumsum) are interpreted
-    functions, and a GPU compile that reaches them fails (triton 3.9)."""
+def _compile_requests(capability):
+    """Every kernel variant for sm_<capability> with bf16 data at the tiles the launchers pick
+    on a GPU (T*K = 32K routed slots; D, e.g. 4096, is a runtime argument and the row kernels
+    loop over it)."""
     import triton.language as tl
 
     from mm1_moe.kernels import dispatch as d
-    from mm1_moe.kernels.compile_check import compile_for_target
+    from mm1_moe.kernels.compile_check import CompileRequest
 
-    assert not d.INTERPRET
     route_sig = dict(ids_N="*i64", counts_BE="*i32", start_BE="*i32", counts_E="*i32",
                      offsets_E1="*i32", sort_index_N="*i32", sorted_expert_ids_N="*i32",
                      inverse_N="*i32", N="i32", B="i32", E="i32")
@@ -394,32 +387,17 @@ def _compile_all(capability):
     for weights in (False, True):
         jobs.append((d._dispatch_bwd_kernel, row_sig, dict(BLOCK_T=bt, BLOCK_D=bd,
                      HAS_WEIGHTS=weights, ACC_DTYPE=f32)))
-    shared = {}
-    for kernel, sig, constexprs in jobs:
-        names = kernel.arg_names
-        signature = {n: "constexpr" if n in constexprs else sig[n] for n in names}
-        key = f"{kernel.__name__}{sorted(constexprs.items())}"
-        shared[key] = compile_for_target(kernel, signature, constexprs, capability=capability)
-    return shared
+    return [CompileRequest.for_kernel(kernel, sig, constexprs, capability)
+            for kernel, sig, constexprs in jobs]
 
 
 def test_kernels_compile_for_gpu():
-    """compile_for_target raises on a compile error or a shared-memory overflow; sm90 and sm80
-    compile in two processes side by side (about 8 s each here)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
-    procs = {cap: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--compile",
-                                    str(cap)], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for cap in (90, 80)}
-    for cap, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"sm{cap}: {err[-4000:]}"
-        shared = json.loads(out.strip().splitlines()[-1])
-        assert len(shared) == 10, shared
+    """compile_many raises on a compile error or a shared-memory overflow (it compiles in a
+    child process without the interpreter: triton 3.9 cannot lower tl.sum/tl.cumsum there)."""
+    from mm1_moe.kernels.compile_check import compile_many
 
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
-    print(json.dumps(_compile_all(int(sys.argv[2]))))
+    shared = compile_many(_compile_requests(90) + _compile_requests(80))
+    assert len(shared) == 20, shared
 
 
 def test_reference_combine_of_no_rows_stays_on_the_graph():

@@ -10,10 +10,6 @@ different order, a few ulps apart. Index outputs (the tile schedule) are compare
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET).
 """
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -370,99 +366,85 @@ def test_gpu_bf16_ratio_rule(op):
 # ---------------------------------------------------------------------------------------------
 # Compile check: every kernel for sm90 and sm80, bf16 data, at the tiles the launchers use on a
 # GPU (fixed tiles: the same for mm1-7b-moe's D=4096, F=12288 as for any shape).
-# compile_for_target cannot run in this interpreter process (TRITON_INTERPRET turns tl.sum, tl.cdiv
-# and our jit helpers into InterpretedFunctions the GPU code generator cannot inline), so the
-# kernels compile in a subprocess without it, with an empty cache. The subprocess starts with the
-# first test of this module and runs on the second core while the interpreter tests run.
-
-COMPILE_SCRIPT = r"""
-import json
-import triton.language as tl
-from mm1_moe.kernels import experts as ex, grouped_gemm as gg
-from mm1_moe.kernels.compile_check import compile_for_target
+# kernels.compile_check compiles in a child process without the interpreter (TRITON_INTERPRET
+# turns tl.sum, tl.cdiv and our jit helpers into functions the GPU code generator cannot inline),
+# with an empty cache. The child starts with the first test of this module and runs on the
+# second core while the interpreter tests run.
 
 POINTERS = dict(offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
                 gather_ptr="*i32", perm_ptr="*i32", seg_ptr="*i32", scale_ptr="*fp32",
                 part_ptr="*fp32")  # all other pointers: bf16 data
-
-def tiles(b, **extra):  # (constexprs, num_warps, num_stages) of a launch with GemmBlocks b
-    return (dict(ACC_DTYPE=tl.float32, UPCAST=False, PRECISION="tf32", BLOCK_M=b.block_m,
-                 BLOCK_N=b.block_n, BLOCK_K=b.block_k, GROUP_M=b.group_m, **extra),
-            b.num_warps, b.num_stages)
-
-# name -> (kernel, (constexprs, num_warps, num_stages)); unit strides are constexprs, as Triton
-# specializes them at launch.
-CASES = {
-    "fc1-swiglu": (ex._swiglu_fc1_kernel, tiles(
-        ex.FC1_GPU_BLOCKS, GATHER=True, STORE_H=True, STORE_PREACT=True, stride_xk=1,
-        stride_wn=1, stride_hn=1, stride_gn=1)),
-    "fc2-scale": (gg._grouped_mm_kernel, tiles(
-        gg.GPU_BLOCKS, GATHER_A=False, GATHER_AUX=False, HAS_SCALE=True, ROWDOT=False,
-        stride_ak=1, stride_wn=1, stride_cn=1)),
-    # dA / dX: transposed weights (unit stride along the reduction), with the row-scale grad
-    # epilogue; the SwiGLU dX launch is the same kernel without it.
-    "dx-rowscale-grad": (gg._grouped_mm_kernel, tiles(
-        gg.GPU_BLOCKS, GATHER_A=False, GATHER_AUX=True, HAS_SCALE=True, ROWDOT=True,
-        stride_ak=1, stride_wk=1, stride_cn=1, stride_xn=1)),
-    "fc2-bwd-swiglu": (ex._swiglu_fc2_bwd_kernel, tiles(
-        ex.FC2_BWD_GPU_BLOCKS, HAS_SCALE=True, stride_dk=1, stride_wk=1, stride_gn=1,
-        stride_qn=1, stride_hn=1)),
-    "dw-scale": (gg._grouped_mm_dw_kernel, tiles(
-        gg.GPU_DW_BLOCKS, HAS_SCALE=True, stride_ak=1, stride_dn=1, stride_wn=1)),
-    "gather-bwd": (gg._gather_bwd_kernel, (dict(
-        ACC_DTYPE=tl.float32, BLOCK_T=gg.GPU_GATHER_BWD_BLOCK[0],
-        BLOCK_C=gg.GPU_GATHER_BWD_BLOCK[1], stride_gc=1, stride_oc=1), 4, 1)),
-}
-results = {}
-for name, (kernel, (cx, num_warps, num_stages)) in CASES.items():
-    sig = {a: "constexpr" if a in cx else POINTERS.get(a, "*bf16") if a.endswith("_ptr")
-           else "i32" for a in kernel.arg_names}
-    for cap in (90, 80):
-        try:
-            results[f"{name}-sm{cap}"] = compile_for_target(kernel, sig, cx, cap, num_warps,
-                                                            num_stages)
-        except Exception as e:  # reported by the test of that row
-            results[f"{name}-sm{cap}"] = f"{type(e).__name__}: {e}"
-print(json.dumps(results))
-"""
 COMPILE_KERNELS = ["fc1-swiglu", "fc2-scale", "dx-rowscale-grad", "fc2-bwd-swiglu", "dw-scale",
                    "gather-bwd"]
 
 
+def _compile_cases():
+    """name -> (kernel, constexprs, num_warps, num_stages); unit strides are constexprs, as
+    Triton specializes them at launch."""
+    import triton.language as tl
+
+    from mm1_moe.kernels import experts as ex, grouped_gemm as gg
+
+    def tiles(b, **extra):  # a launch with GemmBlocks b
+        return (dict(ACC_DTYPE=tl.float32, UPCAST=False, PRECISION="tf32", BLOCK_M=b.block_m,
+                     BLOCK_N=b.block_n, BLOCK_K=b.block_k, GROUP_M=b.group_m, **extra),
+                b.num_warps, b.num_stages)
+
+    return {
+        "fc1-swiglu": (ex._swiglu_fc1_kernel, *tiles(
+            ex.FC1_GPU_BLOCKS, GATHER=True, STORE_H=True, STORE_PREACT=True, stride_xk=1,
+            stride_wn=1, stride_hn=1, stride_gn=1)),
+        "fc2-scale": (gg._grouped_mm_kernel, *tiles(
+            gg.GPU_BLOCKS, GATHER_A=False, GATHER_AUX=False, HAS_SCALE=True, ROWDOT=False,
+            stride_ak=1, stride_wn=1, stride_cn=1)),
+        # dA / dX: transposed weights (unit stride along the reduction), with the row-scale
+        # grad epilogue; the SwiGLU dX launch is the same kernel without it.
+        "dx-rowscale-grad": (gg._grouped_mm_kernel, *tiles(
+            gg.GPU_BLOCKS, GATHER_A=False, GATHER_AUX=True, HAS_SCALE=True, ROWDOT=True,
+            stride_ak=1, stride_wk=1, stride_cn=1, stride_xn=1)),
+        "fc2-bwd-swiglu": (ex._swiglu_fc2_bwd_kernel, *tiles(
+            ex.FC2_BWD_GPU_BLOCKS, HAS_SCALE=True, stride_dk=1, stride_wk=1, stride_gn=1,
+            stride_qn=1, stride_hn=1)),
+        "dw-scale": (gg._grouped_mm_dw_kernel, *tiles(
+            gg.GPU_DW_BLOCKS, HAS_SCALE=True, stride_ak=1, stride_dn=1, stride_wn=1)),
+        "gather-bwd": (gg._gather_bwd_kernel, dict(
+            ACC_DTYPE=tl.float32, BLOCK_T=gg.GPU_GATHER_BWD_BLOCK[0],
+            BLOCK_C=gg.GPU_GATHER_BWD_BLOCK[1], stride_gc=1, stride_oc=1), 4, 1),
+    }
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _compile_job(request, tmp_path_factory):
+def _compile_job(request):
+    from mm1_moe.kernels.compile_check import CompileJob, CompileRequest
+
     if not any(item.originalname == "test_kernels_compile_for_gpu"
                for item in request.session.items):
-        yield {}  # compile tests deselected: don't spend a core on them
+        yield None  # compile tests deselected: don't spend a core on them
         return
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's FutureWarning
-    proc = subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    job = {"proc": proc}
-    yield job
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    keys, requests = [], []
+    for name, (kernel, cx, num_warps, num_stages) in _compile_cases().items():
+        types = {a: POINTERS.get(a, "*bf16") if a.endswith("_ptr") else "i32"
+                 for a in kernel.arg_names}
+        for cap in (90, 80):
+            keys.append(f"{name}-sm{cap}")
+            requests.append(CompileRequest.for_kernel(kernel, types, cx, cap,
+                                                      num_warps=num_warps, num_stages=num_stages))
+    job = CompileJob(requests)
+    yield keys, job
+    job.cancel()
 
 
 @pytest.fixture(scope="module")
 def compiled(_compile_job):
-    if "results" not in _compile_job:
-        out, err = _compile_job["proc"].communicate(timeout=300)
-        assert _compile_job["proc"].returncode == 0, err[-3000:]
-        _compile_job["results"] = json.loads(out.strip().splitlines()[-1])
-    return _compile_job["results"]
+    keys, job = _compile_job
+    return dict(zip(keys, job.results(timeout=300)))
 
 
 @pytest.mark.parametrize("capability", [90, 80], ids=["sm90", "sm80"])
 @pytest.mark.parametrize("kernel", COMPILE_KERNELS)
 def test_kernels_compile_for_gpu(compiled, kernel, capability):
-    """compile_for_target raises past the shared-memory limit: an int means it compiled and fits.
-    Note: without 16-byte divisibility hints (which real launches get) Triton multi-buffers less,
-    so these shared-memory figures are lower bounds; see the launch-tile comments."""
+    """An int means it compiled (an error comes back as text), checked against the card's
+    shared-memory limit; pointers carry the 16-byte alignment hints real launches get."""
     shared = compiled[f"{kernel}-sm{capability}"]
     assert isinstance(shared, int), shared
     assert shared <= SHARED_MEMORY_LIMIT[capability]

@@ -7,10 +7,6 @@ ulps of sums over <= 257 tokens (checked at rtol 1e-5). Gradients of fp32 runs: 
 values of order 1e-2..1. ids and counts: bit-exact.
 """
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -209,53 +205,40 @@ def test_rejects_bad_arguments():
         router(logits[0], 2)
 
 
-# Compile check. compile_for_target cannot run in this (interpreter) process: under
-# TRITON_INTERPRET=1, triton.jit turns tl.max/tl.sum/... into InterpretedFunctions, which the GPU
-# code generator cannot inline (a fresh compile fails; a warm ~/.triton cache hides it). So the
-# kernels are compiled in one subprocess without TRITON_INTERPRET, with an empty cache.
+# Compile check: kernels.compile_check compiles in a child process without the interpreter
+# (under TRITON_INTERPRET=1 tl.max/tl.sum/... cannot be lowered), with an empty cache.
 COMPILE_CASES = {  # id -> (E, K, order, normalize)
     "E64-K2-softmax_topk-norm": (64, 2, "softmax_topk", True),  # MM1-3B-MoE
     "E32-K2-topk_softmax": (32, 2, "topk_softmax", False),  # MM1-7B-MoE's E
 }
-COMPILE_SCRIPT = r"""
-import json, sys
-import triton.language as tl
-from mm1_moe.kernels._common import next_pow2
-from mm1_moe.kernels.compile_check import compile_for_target
-from mm1_moe.kernels.router import NUM_WARPS, _router_bwd_kernel, _router_fwd_kernel, gpu_block_t
-FWD = dict(logits_ptr="*bf16", mask_ptr="*u8", weights_ptr="*fp32", ids_ptr="*i32",
-           lse_ptr="*fp32", counts_part_ptr="*i32", stat_part_ptr="*i32", psum_part_ptr="*fp32",
-           zsum_part_ptr="*fp32", kept_part_ptr="*i32", T="i32", E="i32")
-BWD = dict(logits_ptr="*bf16", mask_ptr="*u8", lse_ptr="*fp32", ids_ptr="*i32",
-           weights_ptr="*fp32", grad_w_ptr="*fp32", aux_coef_ptr="*fp32", z_coef_ptr="*fp32",
-           grad_logits_ptr="*bf16", T="i32", E="i32")
-results = {}
-for name, (E, K, order, normalize) in json.loads(sys.argv[1]).items():
-    c = dict(K=K, TOPK_SOFTMAX=order == "topk_softmax", NORMALIZE=normalize, HAS_MASK=True,
-             ACC_DTYPE=tl.float32, BLOCK_T=gpu_block_t(E), BLOCK_E=next_pow2(E))
-    for cap in (90, 80):
-        for kernel, sig, extra in ((_router_fwd_kernel, FWD, dict(BLOCK_K=next_pow2(K))),
-                                   (_router_bwd_kernel, BWD, {})):
-            cx = {**c, **extra}
-            key = f"{name}-sm{cap}-{kernel.__name__}"
-            try:
-                results[key] = compile_for_target(kernel, {**sig, **{n: "constexpr" for n in cx}},
-                                                  cx, cap, num_warps=NUM_WARPS)
-            except Exception as e:  # reported by the test of that row
-                results[key] = f"{type(e).__name__}: {e}"
-print(json.dumps(results))
-"""
+FWD_TYPES = dict(logits_ptr="*bf16", mask_ptr="*u8", weights_ptr="*fp32", ids_ptr="*i32",
+                 lse_ptr="*fp32", counts_part_ptr="*i32", stat_part_ptr="*i32",
+                 psum_part_ptr="*fp32", zsum_part_ptr="*fp32", kept_part_ptr="*i32", T="i32",
+                 E="i32")
+BWD_TYPES = dict(logits_ptr="*bf16", mask_ptr="*u8", lse_ptr="*fp32", ids_ptr="*i32",
+                 weights_ptr="*fp32", grad_w_ptr="*fp32", aux_coef_ptr="*fp32",
+                 z_coef_ptr="*fp32", grad_logits_ptr="*bf16", T="i32", E="i32")
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe.kernels turns it on when CPU-only
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_CASES)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def compiled():
+    import triton.language as tl
+
+    from mm1_moe.kernels._common import next_pow2
+    from mm1_moe.kernels.compile_check import CompileRequest, compile_report
+    from mm1_moe.kernels.router import NUM_WARPS, _router_bwd_kernel, _router_fwd_kernel, gpu_block_t
+
+    keys, requests = [], []
+    for name, (E, K, order, normalize) in COMPILE_CASES.items():
+        c = dict(K=K, TOPK_SOFTMAX=order == "topk_softmax", NORMALIZE=normalize, HAS_MASK=True,
+                 ACC_DTYPE=tl.float32, BLOCK_T=gpu_block_t(E), BLOCK_E=next_pow2(E))
+        for cap in (90, 80):
+            for kernel, types, extra in ((_router_fwd_kernel, FWD_TYPES, dict(BLOCK_K=next_pow2(K))),
+                                         (_router_bwd_kernel, BWD_TYPES, {})):
+                keys.append(f"{name}-sm{cap}-{kernel.fn.__name__}")
+                requests.append(CompileRequest.for_kernel(kernel, types, {**c, **extra}, cap,
+                                                          num_warps=NUM_WARPS))
+    return dict(zip(keys, compile_report(requests)))
 
 
 @pytest.mark.parametrize("kernel", ["_router_fwd_kernel", "_router_bwd_kernel"])
