@@ -6,7 +6,7 @@ clash with an existing PyPI package of that name.
 
 from setuptools import find_packages, setup
 
-# torch is pinned exactly: a range would let pip pull a multi-GB CUDA build on CPU machines.
+# torch==2.13.0 exactly: a range would let pip pull a multi-GB CUDA build on CPU machines.
 # megatron-core 0.16.1 is the newest release that installs on Python 3.11 (0.17+ need 3.12).
 # psutil: Megatron's checkpoint saving needs it but does not declare it (a save hangs without).
 INSTALL_REQUIRES = [
