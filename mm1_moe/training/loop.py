@@ -74,20 +74,21 @@ def forward_step(device: torch.device, data_iterator, model):
     routing = batch["routing_mask"] if "routing_mask" in batch else batch["loss_mask"] > 0
     extra = {k: batch[k] for k in ("images", "images_per_sequence") if k in batch}
     if "cu_seqlens" in batch:
-        extra["packed_seq_params"] = packed_documents(batch["cu_seqlens"])
+        extra["packed_seq_params"] = packed_documents(batch["cu_seqlens"],
+                                                      batch["tokens"].shape[1])
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None,
                    labels=batch["labels"], padding_mask=routing, **extra)
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
-def packed_documents(cu_seqlens: torch.Tensor):
-    """Document boundaries of the (1 x T) packed micro-batch for the core attention."""
+def packed_documents(cu_seqlens: torch.Tensor, total: int):
+    """Document boundaries of the (1 x ``total``) packed micro-batch for the core attention."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     # max_seqlen is the whole row, not the longest document: with the sbhd layout Megatron sizes
     # the rotary table by it (one position per token; RoPE is relative, so positions running on
     # across documents change nothing inside the document mask). An upper bound for flash-attn.
-    total = int(cu_seqlens[-1])
+    # ``total`` comes from the batch's shape: reading cu_seqlens[-1] would sync with the GPU.
     return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=total, max_seqlen_kv=total)
 
