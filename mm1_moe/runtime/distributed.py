@@ -1,15 +1,14 @@
 """Process start-up: torch.distributed, Megatron ``parallel_state`` (TP/PP/EP/DP), device, seeds.
 
 Works under ``torchrun`` (single or multi node: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT come from the environment) and as a plain single process (a one-rank group on a
-free local port). GPUs: NCCL, one device per local rank. CPU: gloo, plus the Megatron CPU
+MASTER_PORT come from the environment) and as a plain single process (a one-rank group whose
+rendezvous is an in-memory store: no port to pick, so no race with other processes for one). GPUs: NCCL, one device per local rank. CPU: gloo, plus the Megatron CPU
 compatibility layer (``cpu_compat.py``).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +34,6 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -76,12 +69,12 @@ def initialize(config: Config, timeout_minutes: int = 30) -> Runtime:
         device, backend = torch.device("cpu"), "gloo"
         apply_cpu_compat()
     if not dist.is_initialized():
-        if world == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
         from datetime import timedelta
 
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        # One process started by hand: picking a "free" port and binding it later raced with
+        # other processes on the machine (EADDRINUSE seen in the test suite).
+        store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timedelta(minutes=timeout_minutes))
     _initialize_model_parallel(config)
     seed_everything(config.train.seed)
