@@ -173,3 +173,23 @@ def test_clip_weights_load_into_the_model_chunks(config):
         torch.testing.assert_close(model.encode_images(images),
                                    hf(pixel_values=images).last_hidden_state[:, 1:],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_layout_invariant_init_gives_the_connector_torch_default_scale(config):
+    """The connector's convs and linears get torch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as a
+    build without layout-invariant init leaves them; the decoder keeps Megatron's N(0, 0.02)."""
+    model = _model(config)
+    named = {name: p.detach() for name, p in model.named_parameters()}
+    checked = 0
+    for name, p in named.items():
+        if not name.startswith("connector.") or p.dim() < 2 or name.endswith("pos_embed"):
+            continue
+        bound = 1.0 / p[0].numel() ** 0.5
+        assert float(p.abs().max()) <= bound, name
+        if p.numel() >= 1000:  # the std of U(-b, b) is b / sqrt(3)
+            assert abs(float(p.std()) / (bound / 3 ** 0.5) - 1) < 0.1, name
+        checked += 1
+    assert checked >= 5
+    assert abs(float(named["connector.pos_embed"].std()) - 0.02) < 0.005
+    qkv = named["language_model.decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert abs(float(qkv.std()) - config.model.decoder.init_std) < 0.003
