@@ -142,31 +142,32 @@ def _bars(ax, groups: List[str], impls: List[str], value: Callable[[str, str], f
     ax.legend(fontsize=7)
 
 
-def plot_attention(plt, rows: List[Row], path: str, smoke: bool) -> None:
-    rows = latest(rows, KEYS["attention"])
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    table = {(r["shape"], r["impl"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, column in zip(axes, ("fwd_tflops", "bwd_tflops")):
-        _bars(ax, shapes, impls, lambda s, i: num(table.get((s, i), {}), column))
-        ax.set_ylabel(f"{column.split('_')[0]} TFLOP/s")
-    _title(fig, rows, "attention", smoke)
+def _two_bar_panels(plt, rows: List[Row], path: str, group: str, series: str,
+                    panels: Sequence[Tuple[str, str]], figsize: Tuple[float, float],
+                    what: str, smoke: bool) -> None:
+    """Side-by-side bar panels, one per (column, y label): a bar group per ``group`` value, a
+    bar per ``series`` value."""
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    table = {(r[group], r[series]): r for r in rows}
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
+    for ax, (column, label) in zip(axes, panels):
+        _bars(ax, groups, names, lambda g, n: num(table.get((g, n), {}), column))
+        ax.set_ylabel(label)
+    _title(fig, rows, what, smoke)
     _save(plt, fig, path)
+
+
+def plot_attention(plt, rows: List[Row], path: str, smoke: bool) -> None:
+    _two_bar_panels(plt, latest(rows, KEYS["attention"]), path, "shape", "impl",
+                    [("fwd_tflops", "fwd TFLOP/s"), ("bwd_tflops", "bwd TFLOP/s")], (11, 4.2),
+                    "attention", smoke)
 
 
 def plot_step(plt, rows: List[Row], path: str, smoke: bool) -> None:
-    rows = latest(rows, KEYS["step"])
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    routings = list(dict.fromkeys(r["routing"] for r in rows))
-    table = {(r["config"], r["routing"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.0))
-    labels = ("tokens/s", "MFU (measured matmul)")
-    for ax, column, label in zip(axes, ("tokens_per_s", "mfu"), labels):
-        _bars(ax, configs, routings, lambda c, r: num(table.get((c, r), {}), column))
-        ax.set_ylabel(label)
-    _title(fig, rows, "training step", smoke)
-    _save(plt, fig, path)
+    _two_bar_panels(plt, latest(rows, KEYS["step"]), path, "config", "routing",
+                    [("tokens_per_s", "tokens/s"), ("mfu", "MFU (measured matmul)")], (10, 4.0),
+                    "training step", smoke)
 
 
 def _save(plt, fig, path: str) -> None:
