@@ -23,9 +23,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-if not torch.cuda.is_available():  # the interpreter must be chosen before kernels are imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import append_rows, base_parser, ceilings, on_gpu, print_table, time_ms  # noqa: E402
 

@@ -35,16 +35,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
-
-if not torch.cuda.is_available():  # before any kernel import: the interpreter runs them on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-# Megatron warns at import that Apex / Transformer Engine are absent: we use neither on purpose.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

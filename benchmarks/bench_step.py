@@ -32,15 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from typing import Dict, Iterator, List, Optional
 
 import torch
-
-if not torch.cuda.is_available():  # before any kernel import: the interpreter runs them on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

@@ -16,10 +16,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-if not torch.cuda.is_available():  # before any kernel import: the interpreter runs them on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import harness  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
