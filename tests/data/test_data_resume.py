@@ -66,20 +66,21 @@ def test_resume_inside_a_chunked_document_and_across_epochs(tiny_spec):
     assert chunk_starts > 0  # the mid-document case was exercised
 
 
-@pytest.mark.parametrize("dp_size", [2, 4])
-def test_ranks_split_the_global_batch_without_overlap(tiny_spec, dp_size):
+@pytest.mark.parametrize("dp_size,micro", [(2, 2), (4, 1), (2, 1), (4, 2)])
+def test_ranks_split_the_global_batch_without_overlap(tiny_spec, dp_size, micro):
     G = 8
-    single = MM1DataLoader(tiny_spec, micro_batch_size=2, global_batch_size=G)
-    steps = [[r for mb in single.next_step() for r in _rows(mb)] for _ in range(2)]
-    ranks = [MM1DataLoader(tiny_spec, dp_rank=r, dp_size=dp_size, micro_batch_size=2 // (
-        dp_size // 2), global_batch_size=G) for r in range(dp_size)]
+    single = MM1DataLoader(tiny_spec, micro_batch_size=micro, global_batch_size=G)
+    steps = [[_rows(mb) for mb in single.next_step()] for _ in range(2)]
+    ranks = [MM1DataLoader(tiny_spec, dp_rank=r, dp_size=dp_size, micro_batch_size=micro,
+                           global_batch_size=G) for r in range(dp_size)]
     for step in steps:
-        per_rank = [[row for mb in loader.next_step() for row in _rows(mb)] for loader in ranks]
-        assert all(len(rows) == G // dp_size for rows in per_rank)
-        union = [row for rows in per_rank for row in rows]
-        assert sorted(union) == sorted(step)  # same global batch, nothing twice, nothing lost
-        for r, rows in enumerate(per_rank):  # global sequence i on rank i % dp
-            assert rows == step[r::dp_size]
+        per_rank = [[_rows(mb) for mb in loader.next_step()] for loader in ranks]
+        assert all(len(mbs) == G // dp_size // micro for mbs in per_rank)
+        union = [row for mbs in per_rank for mb in mbs for row in mb]
+        flat = [row for mb in step for row in mb]
+        assert sorted(union) == sorted(flat)  # same global batch, nothing twice, nothing lost
+        for r, mbs in enumerate(per_rank):  # the single process's micro-batch m on rank m % dp
+            assert mbs == step[r::dp_size]
 
 
 def test_resume_with_another_data_parallel_layout(tiny_spec):

@@ -6,7 +6,8 @@ as a single process for the baseline and under ``torch.distributed.run`` for eac
     python tests/distributed/run_train.py [--out PATH] [dotted.key=value ...]
 
 The output path is ``--out`` or the environment variable ``MM1_RESULT``; the JSON object holds
-``losses``, ``grad_norms`` and ``lrs``, one entry per step.
+``losses``, ``grad_norms``, ``lrs`` and ``moe`` (each MoE layer's routing statistics on logging
+steps), one entry per step.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
             "losses": result.losses,
             "grad_norms": [s.grad_norm for s in result.steps],
             "lrs": [s.lr for s in result.steps],
+            # per step: {layer number: routing statistics} (logging steps only)
+            "moe": [{str(k): v for k, v in s.moe.items()} for s in result.steps],
         }
         text = json.dumps(payload)
         if args.out:
