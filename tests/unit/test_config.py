@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -364,8 +366,9 @@ RULES = [
      "model.decoder.num_attention_heads (4) is not divisible by model.decoder.num_query_groups "
      "(3)"),
     ("groups>=1", ["model.decoder.num_query_groups=0"],
-     "model.decoder.num_attention_heads (4) is not divisible by model.decoder.num_query_groups "
-     "(0)"),
+     "model.decoder.num_query_groups (0) must be >= 1"),
+    *[(f"{name}>0", [f"model.decoder.{name}=0"], f"model.decoder.{name} (0.0) must be > 0")
+      for name in ("rope_theta", "norm_eps", "init_std")],
     ("heads%tp", ["parallel.tensor_parallel=4", "model.decoder.num_attention_heads=2",
                   "model.decoder.num_query_groups=null"],
      "model.decoder.num_attention_heads (2) is not divisible by parallel.tensor_parallel (4)"),
@@ -392,8 +395,9 @@ RULES = [
      "model.decoder.moe.num_experts (63) is not divisible by parallel.expert_parallel (8)"),
     ("top_k>experts", ["model.decoder.moe.top_k=5"],
      "model.decoder.moe.top_k (5) must be between 1 and model.decoder.moe.num_experts (4)"),
-    ("top_k>=1", ["model.decoder.moe.top_k=0"],
-     "model.decoder.moe.top_k (0) must be between 1 and model.decoder.moe.num_experts (4)"),
+    ("top_k>=1", ["model.decoder.moe.top_k=0"], "model.decoder.moe.top_k (0) must be >= 1"),
+    ("dense-top_k>=1", ["model.decoder.moe.num_experts=0", "model.decoder.moe.top_k=-1"],
+     "model.decoder.moe.top_k (-1) must be >= 1"),
     ("capacity=0", ["model.decoder.moe.capacity_factor=0"],
      "model.decoder.moe.capacity_factor (0.0) must be > 0, or null for dropless routing"),
     ("capacity<0", ["model.decoder.moe.capacity_factor=-1.5"],
@@ -402,7 +406,11 @@ RULES = [
      "model.decoder.moe.expert_ffn_hidden_size (0) must be >= 1"),
     *[(f"{name}>=0", [f"model.decoder.moe.{name}=-0.5"],
        f"model.decoder.moe.{name} (-0.5) must be >= 0")
-      for name in ("aux_loss_coeff", "z_loss_coeff", "router_jitter")],
+      for name in ("aux_loss_coeff", "z_loss_coeff")],
+    ("jitter>=0", ["model.decoder.moe.router_jitter=-0.5"],
+     "model.decoder.moe.router_jitter (-0.5) must be >= 0 and < 1 (0 disables)"),
+    ("jitter<1", ["model.decoder.moe.router_jitter=1"],
+     "model.decoder.moe.router_jitter (1.0) must be >= 0 and < 1 (0 disables)"),
     ("freq-list-short", ["model.decoder.moe.layer_freq=[1,0,1]"],
      "model.decoder.moe.layer_freq has 3 entries but model.decoder.num_layers is 4"),
     ("freq-list-long", ["model.decoder.moe.layer_freq=[1,0,1,0,1]"],
@@ -416,12 +424,13 @@ RULES = [
     # vision and connector
     ("image%patch", ["model.vision.patch_size=15"],
      "model.vision.image_size (56) is not divisible by model.vision.patch_size (15)"),
-    ("patch>=1", ["model.vision.patch_size=0"],
-     "model.vision.image_size (56) is not divisible by model.vision.patch_size (0)"),
+    ("patch>=1", ["model.vision.patch_size=0"], "model.vision.patch_size (0) must be >= 1"),
+    *[(f"vit-{name}>=1", [f"model.vision.{name}=0"], f"model.vision.{name} (0) must be >= 1")
+      for name in ("image_size", "width", "depth", "mlp_dim")],
+    ("vit-eps>0", ["model.vision.layernorm_eps=0"], "model.vision.layernorm_eps (0.0) must be > 0"),
     ("width%heads", ["model.vision.num_heads=3"],
      "model.vision.width (32) is not divisible by model.vision.num_heads (3)"),
-    ("vit-heads>=1", ["model.vision.num_heads=0"],
-     "model.vision.width (32) is not divisible by model.vision.num_heads (0)"),
+    ("vit-heads>=1", ["model.vision.num_heads=0"], "model.vision.num_heads (0) must be >= 1"),
     ("tokens-square", ["model.connector.num_tokens=5"],
      "model.connector.num_tokens (5) must be a square (e.g. 64 or 144): the connector pools to "
      "a square grid"),
@@ -430,16 +439,16 @@ RULES = [
     ("tokens<=patches", ["model.connector.num_tokens=25"],
      "model.connector.num_tokens (25) exceeds the encoder's patches (16 = "
      "(model.vision.image_size / patch_size)^2)"),
-    ("connector-depth", ["model.connector.depth=0"],
-     "model.connector.depth (0) and hidden_size (32) must be >= 1"),
-    ("connector-hidden", ["model.connector.hidden_size=0"],
-     "model.connector.depth (1) and hidden_size (0) must be >= 1"),
+    ("connector-depth", ["model.connector.depth=0"], "model.connector.depth (0) must be >= 1"),
+    ("connector-hidden", ["model.connector.hidden_size=-1"],
+     "model.connector.hidden_size (-1) must be >= 1"),
     # train and data
     ("steps>=1", ["train.steps=0"], "train.steps (0) must be >= 1"),
-    ("micro>=1", ["train.micro_batch_size=0"],
-     "train.micro_batch_size (0) and train.global_batch_size (8) must be >= 1"),
-    ("global>=1", ["train.global_batch_size=0"],
-     "train.micro_batch_size (4) and train.global_batch_size (0) must be >= 1"),
+    ("micro>=1", ["train.micro_batch_size=0"], "train.micro_batch_size (0) must be >= 1"),
+    ("global>=1", ["train.global_batch_size=0"], "train.global_batch_size (0) must be >= 1"),
+    ("log_interval>=1", ["train.log_interval=0"], "train.log_interval (0) must be >= 1"),
+    ("save_interval>=0", ["train.save_interval=-1"],
+     "train.save_interval (-1) must be >= 0 (0: final only)"),
     ("global%micro", ["train.global_batch_size=10"],
      "train.global_batch_size (10) is not divisible by train.micro_batch_size (4)"),
     ("lr>0", ["train.lr=0"], "train.lr (0.0) must be > 0, or null for MM1's law"),
@@ -447,8 +456,20 @@ RULES = [
     ("min_lr>1", ["train.min_lr_ratio=1.5"], "train.min_lr_ratio (1.5) must be within [0, 1]"),
     ("min_lr<0", ["train.min_lr_ratio=-0.1"], "train.min_lr_ratio (-0.1) must be within [0, 1]"),
     ("warmup>=0", ["train.warmup_steps=-1"], "train.warmup_steps (-1) must be >= 0"),
+    ("wd>=0", ["train.weight_decay=-0.1"],
+     "train.weight_decay (-0.1) must be >= 0, or null for 0.1 x the peak lr"),
+    *[(f"{name}<1", [f"train.{name}=1"], f"train.{name} (1.0) must be within [0, 1)")
+      for name in ("adam_beta1", "adam_beta2")],
+    ("beta1>=0", ["train.adam_beta1=-0.1"], "train.adam_beta1 (-0.1) must be within [0, 1)"),
+    ("adam_eps>0", ["train.adam_eps=0"], "train.adam_eps (0.0) must be > 0"),
+    ("peak_tflops>0", ["train.peak_tflops=0"], "train.peak_tflops (0.0) must be > 0, or null"),
     ("grad_clip>=0", ["train.grad_clip=-1"], "train.grad_clip (-1.0) must be >= 0 (0 disables)"),
     ("seq>=2", ["data.seq_length=1"], "data.seq_length (1) must be >= 2"),
+    ("images>=1", ["data.max_images_per_sequence=0"],
+     "data.max_images_per_sequence (0) must be >= 1"),
+    ("pack_window>=1", ["data.pack_window=0"], "data.pack_window (0) must be >= 1"),
+    ("weights", ["data.weights=[0.5,0.5]"], "data.weights ([0.5, 0.5]) must be 3 non-negative"),
+    ("weights-sum", ["data.weights=[0,0,0]"], "data.weights ([0.0, 0.0, 0.0]) must be 3"),
 ]
 
 
@@ -500,6 +521,86 @@ def test_a_single_failure_is_reported_alone():
 def test_boundaries_are_accepted(overrides):
     config = tiny_moe(*overrides)
     assert validate(config) is config
+
+
+# --------------------------------------------------------------------------- every number, walked
+
+# Integer fields where 0 or -1 is a meaningful setting; every other (field, value) in {0, -1}
+# must be a ConfigError naming the field's dotted path and the value.
+ZERO_OR_NEGATIVE_OK = {
+    "model.decoder.moe.num_experts": {0},  # 0: a dense decoder (no MoE layers)
+    "model.image_token_id": {0},  # a token id: 0 is the vocabulary's first entry
+    "train.seed": {0, -1},  # any int: random/torch take negatives, numpy gets seed % 2**32
+    "data.seed": {0, -1},  # any int: string-seeded random.Random and torch.Generator
+    "train.warmup_steps": {0},  # no warmup
+    "train.save_interval": {0},  # only the final checkpoint
+}
+# Float fields where 0 is a meaningful setting; -1 is meaningful for none.
+FLOAT_ZERO_OK = {
+    "model.decoder.moe.aux_loss_coeff",  # no load-balancing loss
+    "model.decoder.moe.z_loss_coeff",  # no router z-loss
+    "model.decoder.moe.router_jitter",  # no jitter
+    "train.min_lr_ratio",  # decay to 0
+    "train.weight_decay",  # no decay
+    "train.adam_beta1", "train.adam_beta2",  # no averaging: torch's Adam accepts [0, 1)
+    "train.grad_clip",  # no clipping
+}
+DEFAULT_YAML = str(CONFIG_DIR / "default.yaml")
+
+
+def _leaves(cls, prefix: str = ""):
+    """(dotted path, type) of every non-dataclass field under ``cls``, recursively."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, f"{path}.")
+        else:
+            yield path, tp
+
+
+def _admits(tp, scalar: type) -> bool:
+    """``tp`` is ``scalar``, or a Union with it (Optional[int], Union[int, List[int]]); not a
+    list of it (data.weights has its own rules)."""
+    return tp is scalar or typing.get_origin(tp) is typing.Union and scalar in typing.get_args(tp)
+
+
+INT_FIELDS = [p for p, tp in _leaves(Config) if _admits(tp, int)]
+FLOAT_FIELDS = [p for p, tp in _leaves(Config) if _admits(tp, float)]
+
+
+def _default_with(path: str, value) -> Config:
+    return config_from_dict(apply_overrides(read_yaml(DEFAULT_YAML), [f"{path}={value}"]))
+
+
+def test_the_walk_sees_every_section():
+    sections = {p.rsplit(".", 1)[0] for p in INT_FIELDS + FLOAT_FIELDS}
+    assert sections == {"model", "model.vision", "model.connector", "model.decoder",
+                        "model.decoder.moe", "parallel", "data", "train"}
+    assert len(INT_FIELDS) == 38 and len(FLOAT_FIELDS) == 16  # a new field joins the walk
+    assert set(ZERO_OR_NEGATIVE_OK) <= set(INT_FIELDS) and FLOAT_ZERO_OK <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+@pytest.mark.parametrize("path", INT_FIELDS)
+def test_every_integer_field_rejects_zero_and_negative_by_name(path, value):
+    config = _default_with(path, value)
+    if value in ZERO_OR_NEGATIVE_OK.get(path, ()):
+        assert validate(config) is config
+        return
+    with raises(f"{path} ({value})"):
+        validate(config)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+def test_every_float_field_rejects_zero_and_negative_by_name(path, value):
+    config = _default_with(path, value)
+    if value == 0.0 and path in FLOAT_ZERO_OK:
+        assert validate(config) is config
+        return
+    with raises(f"{path} ({value})"):
+        validate(config)
 
 
 def test_all_errors_of_one_config_are_reported_together():
@@ -595,7 +696,7 @@ def test_global_batch_not_divisible_by_micro_batch_times_dp():
         validate_layout(config, 2048)
 
 
-def test_expert_ranks_must_divide_the_world():
+def test_expert_ranks_must_divide_the_world_at_tp1():
     config = tiny_moe("parallel.expert_parallel=4")
     with raises("world size (2) is not divisible by parallel.expert_parallel (4) x "
                 "expert tensor parallel (1) x parallel.pipeline_parallel (1)"):
@@ -604,7 +705,7 @@ def test_expert_ranks_must_divide_the_world():
                            4) == 4
 
 
-def test_expert_ranks_must_divide_the_world():
+def test_expert_ranks_must_divide_the_world_at_tp2():
     base = ["parallel.tensor_parallel=2", "parallel.expert_parallel=4",
             "train.micro_batch_size=1"]
     assert validate_layout(tiny_moe(*base), 4) == 2

@@ -182,3 +182,22 @@ def test_family_table() -> None:
     assert len(lines) == 2 + len(FAMILY)
     assert "training GFLOPs/token" in lines[0]
     assert "64 (every 2nd, top-2)" in table and "56 (8)" in table
+
+
+@pytest.mark.parametrize("override, message", [
+    # before validation covered them: width 0 counted a 256-parameter ViT, width -1 a ViT of
+    # -874 parameters, and depth -1 a negative number of layers; each exited 0
+    ("model.vision.width=0", "model.vision.width (0) must be >= 1"),
+    ("model.vision.width=-1", "model.vision.width (-1) must be >= 1"),
+    ("model.vision.depth=-1", "model.vision.depth (-1) must be >= 1"),
+    ("model.vision.mlp_dim=-1", "model.vision.mlp_dim (-1) must be >= 1"),
+    ("model.connector.hidden_size=0", "model.connector.hidden_size (0) must be >= 1"),
+    ("data.max_images_per_sequence=0", "data.max_images_per_sequence (0) must be >= 1"),
+])
+def test_info_refuses_a_size_below_its_range_by_its_dotted_path(override, message, capsys) -> None:
+    from mm1_moe.cli import main
+
+    assert main(["info", "--config", str(CONFIGS / "tiny-mm1-moe.yaml"), override]) == 2
+    printed = capsys.readouterr()
+    assert message in printed.err and printed.err.startswith("mm1-moe info: invalid config:")
+    assert printed.out == ""  # no report with negative counts
