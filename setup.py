@@ -22,7 +22,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "transformers", "safetensors"],
+    # transformers < 5.25: 5.25 requires Hugging Face's ``kernels`` package and imports it by
+    # name, and a source checkout's own top-level kernels/ folder (on sys.path under
+    # ``python -m``) shadows it: every transformers model then fails to import.
+    "test": ["pytest", "transformers>=5.0,<5.25", "safetensors"],
     "gpu": ["flash-attn"],  # optional benchmark baseline; cannot build without CUDA
     "sentencepiece": ["sentencepiece"],  # SentencePiece .model tokenizers
     "bench": ["matplotlib"],  # benchmarks/plot.py
