@@ -6,27 +6,34 @@ plus ``complete.json``. A checkpoint is written to ``step_00000100.tmp`` and ren
 every rank has finished and rank 0 has written ``complete.json``: a crash mid-save leaves a
 ``.tmp`` folder that resume ignores, never a checkpoint that loads half.
 
-Saved: model, optimizer, LR scheduler, step, the data position (``data_state``), and each
-rank's RNG states (restored only when the layout is unchanged: RNG streams are per rank).
+Saved: model and optimizer (``dist_checkpointing``: tensors, plus Megatron's ``common.pt``);
+step, LR scheduler and data position (``data_state``) in ``complete.json``; each rank's RNG
+states in ``rng/pp*_tp*_dp*.json`` (``rng_state.py``; restored only when the layout is
+unchanged: RNG streams are per rank). Nothing of ours is pickled, and what Megatron and torch
+unpickle on load goes through ``safe_load.restricted_unpickling``: a checkpoint runs no code.
 Resume takes the newest complete checkpoint; one that fails to load is reported with its path
-and the previous one is used.
+and the reason, and the previous one is used.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..models.init import model_sharded_state_dict
 from ..runtime.threads import serial_collectives
+from . import rng_state
+from .safe_load import CheckpointError, failure_cause, restricted_unpickling
+
+__all__ = ["CheckpointError", "COMPLETE", "complete_checkpoints", "load_checkpoint",
+           "read_meta", "resume_latest", "save_checkpoint", "step_path"]
 
 COMPLETE = "complete.json"
 PREFIX = "step_"
@@ -50,8 +57,17 @@ def complete_checkpoints(root: str) -> List[str]:
 
 
 def read_meta(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, COMPLETE), encoding="utf-8") as handle:
-        return json.load(handle)
+    """``complete.json`` of the checkpoint ``path`` (JSON only: step, layout, config, and since
+    the pickle-free format, scheduler and data_state)."""
+    file = os.path.join(path, COMPLETE)
+    try:
+        with open(file, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{file} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return meta
 
 
 def _layout() -> Dict[str, int]:
@@ -63,40 +79,7 @@ def _layout() -> Dict[str, int]:
             "dp": ps.get_data_parallel_world_size(), "world": dist.get_world_size()}
 
 
-def _rng_state() -> Dict[str, Any]:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _rng_sharded_object(state: Optional[Dict[str, Any]]):
-    """Each rank's RNG states, addressed by (pp, tp, dp) rank, as Megatron-LM does."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    lay = _layout()
-    return ShardedObject(
-        "rng_state", state, (lay["pp"], lay["tp"], lay["dp"]),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-         ps.get_data_parallel_rank()), replica_id=0)
-
-
-def _sharded_state(model_chunks, optimizer, loading: bool, rng: bool) -> Dict[str, Any]:
+def _sharded_state(model_chunks, optimizer, loading: bool) -> Dict[str, Any]:
     state: Dict[str, Any] = {f"model{i}": model_sharded_state_dict(chunk.module)
                              for i, chunk in enumerate(model_chunks)}
     # fully_reshardable: the distributed optimizer's state is saved in model space (gathered
@@ -108,8 +91,6 @@ def _sharded_state(model_chunks, optimizer, loading: bool, rng: bool) -> Dict[st
                 "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading,
                                                       metadata=metadata)
-    if rng:
-        state["rng_state"] = _rng_sharded_object(None if loading else _rng_state())
     return state
 
 
@@ -129,16 +110,15 @@ def save_checkpoint(root: str, step: int, model_chunks, optimizer, scheduler,
             shutil.rmtree(tmp)  # a crashed earlier attempt at this step
         os.makedirs(tmp)
     _barrier()
-    state = _sharded_state(model_chunks, optimizer, loading=False, rng=True)
-    state["scheduler"] = scheduler.state_dict()
-    state["step"] = step
-    state["data_state"] = data_state
+    rng_state.write(tmp)
+    state = _sharded_state(model_chunks, optimizer, loading=False)
     with serial_collectives():  # see runtime/threads.py: 2x slower steps after a save otherwise
         dist_checkpointing.save(state, tmp)
     _barrier()
     if dist.get_rank() == 0:
         meta = {"step": step, "layout": _layout(), "saved_at": time.time(),
-                "config": config_yaml}
+                "config": config_yaml, "scheduler": scheduler.state_dict(),
+                "data_state": data_state}
         with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=1)
         if os.path.exists(final):
@@ -164,49 +144,93 @@ def _refuse_distributed_optimizer(optimizer, path: str) -> None:
             "run's optimizer off the distributed path.")
 
 
+def _agree(error: Optional[str]) -> None:
+    """Raise on every rank if any rank failed a local check: a rank that went on alone would
+    wait forever in the load's first collective."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if failed:
+        raise CheckpointError(error or f"rank {failed[0][0]}: {failed[0][1]}")
+
+
+def _train_state(meta: Dict[str, Any], loaded: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """step, scheduler and data_state: from complete.json, or for a checkpoint written before
+    they moved there, from Megatron's common.pt (which the restricted unpickler read)."""
+    source, name = (meta, COMPLETE) if "scheduler" in meta else (loaded, "common.pt")
+    missing = [k for k in ("step", "scheduler", "data_state") if k not in source]
+    if missing:
+        raise CheckpointError(f"{path}: no {', '.join(missing)} in {name}")
+    return source
+
+
+def _read_rng(path: str, meta: Dict[str, Any]) -> Optional[rng_state.RngStates]:
+    """This rank's RNG states (None for a checkpoint from before they were saved as JSON),
+    read and checked on every rank before anything is loaded."""
+    rng, error = None, None
+    if "scheduler" in meta:
+        try:
+            rng = rng_state.read(path)
+        except CheckpointError as err:
+            error = str(err)
+    else:
+        warnings.warn(f"{path} predates RNG states saved as JSON: they are not restored, so "
+                      "the resumed run will not repeat an uninterrupted one bit for bit")
+    _agree(error)
+    return rng
+
+
 def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
     """Load ``path`` into the chunks, optimizer and scheduler (resharding as needed); restore RNG
-    when the layout matches. Returns {"step", "data_state"}. Raises on a bad checkpoint."""
+    when the layout matches. Returns {"step", "data_state"}. Raises CheckpointError on a bad
+    checkpoint (a refused pickle, a corrupt file, missing state), naming the file and reason."""
     from megatron.core import dist_checkpointing
 
     meta = read_meta(path)
     same_layout = meta.get("layout") == _layout()
     _refuse_distributed_optimizer(optimizer, path)
-    sharded = _sharded_state(model_chunks, optimizer, loading=True, rng=same_layout)
-    with serial_collectives():
+    rng = _read_rng(path, meta) if same_layout else None  # set only once all else loaded
+    sharded = _sharded_state(model_chunks, optimizer, loading=True)
+    with serial_collectives(), restricted_unpickling(path):
         loaded = dist_checkpointing.load(sharded, path)
+    state = _train_state(meta, loaded, path)
     for i, chunk in enumerate(model_chunks):
         chunk.module.load_state_dict(loaded[f"model{i}"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
-        _set_rng_state(loaded["rng_state"])
-    return {"step": int(loaded["step"]), "data_state": loaded["data_state"]}
+    scheduler.load_state_dict(state["scheduler"])
+    if rng is not None:
+        rng_state.restore(rng)
+    return {"step": int(state["step"]), "data_state": state["data_state"]}
 
 
 def resume_latest(root: str, load: Callable[[str], Dict[str, Any]],
                   report: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
     """Load the newest complete checkpoint under ``root`` that loads; report each one that does
-    not (with its path and the error) and fall back to the previous one."""
+    not (with its path and the reason) and fall back to the previous one. Raises CheckpointError
+    listing every path and reason when none loads."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    failures = 0
+    failures: List[str] = []
     for path in complete_checkpoints(root):
         try:
             result = load(path)
-        # A corrupt checkpoint: say which, use the one before. torch's CheckpointException
-        # derives from BaseException, and it is raised on every rank alike (DCP gathers the
-        # failures), so all ranks fall back together.
+        # A corrupt checkpoint: say which and why, use the one before. torch's
+        # CheckpointException derives from BaseException, and it is raised on every rank alike
+        # (DCP gathers the failures), so all ranks fall back together.
         except (Exception, CheckpointException) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            failures += 1
-            report(f"checkpoint {path} could not be loaded ({type(err).__name__}: "
-                   f"{first_line[:300]}); trying the previous one")
+            cause = failure_cause(err)
+            cause = cause[len(path) + 2:] if cause.startswith(f"{path}: ") else cause
+            failures.append(f"{path}: {cause}")
+            report(f"checkpoint {path} could not be loaded ({cause}); trying the previous one")
             continue
         result["path"] = path
         return result
     if failures:
-        raise RuntimeError(f"no checkpoint under {root} could be loaded ({failures} tried); "
-                           "refusing to train from a partially loaded model. Move the broken "
-                           "ones away, or set train.resume=false to start afresh.")
+        raise CheckpointError(
+            f"no checkpoint under {root} could be loaded ({len(failures)} tried):\n  "
+            + "\n  ".join(failures) + "\nRefusing to train from a partially loaded model. Move "
+            "the broken checkpoints out of the folder, or set train.resume=false (or another "
+            "train.output_dir) to start afresh.")
     return None

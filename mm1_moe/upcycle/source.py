@@ -137,8 +137,11 @@ def load_source_(chunks: List[torch.nn.Module], source: DenseSource, config: Con
     if source.kind == "mm1-moe":
         from megatron.core import dist_checkpointing
 
+        from ..training.safe_load import restricted_unpickling
+
         state = {f"model{i}": model_sharded_state_dict(c) for i, c in enumerate(chunks)}
-        loaded = dist_checkpointing.load(state, source.path)
+        with restricted_unpickling(source.path):  # runs no code from the checkpoint
+            loaded = dist_checkpointing.load(state, source.path)
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
         return sum(1 for c in chunks for _ in _sharded_tensors(c))
