@@ -15,17 +15,26 @@ Name map (HF -> ours, per layer i; D width, hd head dim, g KV groups, q = heads 
 
 Every tensor is accounted for: a missing, unexpected or mis-shaped one raises ``InteropError``
 naming it; nothing is left at its random init. Loading goes through Megatron's sharded state
-dict, so any TP/PP layout loads the same checkpoint.
+dict, so any TP/PP layout loads the same checkpoint. A folder's files are read by
+``hf_files.py`` and checked by :func:`llama_tensors_from_files` first, which also names the file
+of each bad tensor and reports all of them at once.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Mapping, Set
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Set, Tuple
 
 import torch
 
 from ..config import Config
 from ..models.init import fill_from_global_
+
+if TYPE_CHECKING:
+    from .hf_files import HFWeights
+
+# Older transformers saved each layer's rotary_emb.inv_freq as a persistent buffer. It is
+# 1 / rope_theta^(2i / head_dim), which both models recompute from the config: no weight, ignored.
+ROTARY_BUFFER = "rotary_emb.inv_freq"
 
 
 class InteropError(ValueError):
@@ -103,11 +112,75 @@ def _hf_layer_names(i: int) -> List[str]:
 
 def _check_names(hf: Mapping[str, torch.Tensor], expected: Set[str], family: str) -> None:
     """Raise ``InteropError`` naming unexpected or missing tensors (rotary buffers ignored)."""
-    present = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
+    present = {k for k in hf if not k.endswith(ROTARY_BUFFER)}
     if present - expected:
         raise InteropError(f"unexpected tensors in the {family} checkpoint: {sorted(present - expected)[:8]}")
     if expected - present:
         raise InteropError(f"tensors missing from the {family} checkpoint: {sorted(expected - present)[:8]}")
+
+
+def llama_shapes(config: Config) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor of the Llama checkpoint of our decoder (V the real vocabulary,
+    not the padded one; q = heads * hd, kv = KV heads * hd)."""
+    dec = config.model.decoder
+    D, F, V = dec.hidden_size, dec.ffn_hidden_size, dec.vocab_size
+    q, kv = dec.num_attention_heads * dec.head_dim, dec.kv_heads * dec.head_dim
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,),
+              "lm_head.weight": (V, D)}
+    for i in range(dec.num_layers):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
+            f"{p}.self_attn.q_proj.weight": (q, D), f"{p}.self_attn.k_proj.weight": (kv, D),
+            f"{p}.self_attn.v_proj.weight": (kv, D), f"{p}.self_attn.o_proj.weight": (D, q),
+            f"{p}.mlp.gate_proj.weight": (F, D), f"{p}.mlp.up_proj.weight": (F, D),
+            f"{p}.mlp.down_proj.weight": (D, F),
+        })
+    return shapes
+
+
+def llama_tensors_from_files(weights: "HFWeights", config: Config,
+                             tied: bool) -> Dict[str, torch.Tensor]:
+    """A Llama folder's tensors (``hf_files.read_hf_weights``) checked against
+    :func:`llama_shapes`: every missing, unexpected, mis-shaped or non-float tensor, in one
+    InteropError that names each tensor and its file. ``tied`` is config.json's
+    tie_word_embeddings: lm_head is then the embedding (absent from the files, or equal to it)."""
+    tensors = {k: t for k, t in weights.tensors.items() if not k.endswith(ROTARY_BUFFER)}
+    problems = _tie_head_(tensors, weights, tied)
+    expected = llama_shapes(config)
+    searched = weights.searched()
+    for name in sorted(set(tensors) - set(expected)):
+        problems.append(f"unexpected tensor {name} in {weights.file_of(name)}")
+    for name in sorted(set(expected) - set(tensors)):
+        hint = " (config.json: tie_word_embeddings false)" if name == "lm_head.weight" else ""
+        problems.append(f"missing tensor {name}: not in {searched}{hint}")
+    for name in sorted(set(expected) & set(tensors)):
+        tensor, where = tensors[name], f"{name} in {weights.file_of(name)}"
+        if tuple(tensor.shape) != expected[name]:
+            problems.append(f"{where}: shape {tuple(tensor.shape)}, expected {expected[name]}")
+        elif not tensor.is_floating_point():
+            problems.append(f"{where}: dtype {tensor.dtype}, expected a floating-point tensor")
+    if problems:
+        more = [f"... and {len(problems) - 16} more"] if len(problems) > 16 else []
+        raise InteropError(f"{weights.folder} does not hold the Llama model that the MoE config's "
+                           "model.decoder describes (shapes from its sizes):\n  "
+                           + "\n  ".join(problems[:16] + more))
+    return tensors
+
+
+def _tie_head_(tensors: Dict[str, torch.Tensor], weights: "HFWeights", tied: bool) -> List[str]:
+    """With tied embeddings, set lm_head to the embedding; a stored lm_head must equal it."""
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if not tied or embed not in tensors:
+        return []
+    if head not in tensors:
+        tensors[head] = tensors[embed]
+        return []
+    stored, embedding = tensors[head], tensors[embed]
+    if stored.shape == embedding.shape and not torch.equal(stored, embedding):
+        return [f"{head} in {weights.file_of(head)} differs from {embed} in "
+                f"{weights.file_of(embed)}, but config.json ties them (tie_word_embeddings)"]
+    return []
 
 
 def _expected_shared_names(config: Config) -> Set[str]:

@@ -44,6 +44,7 @@ from .source import (
     dense_config,
     global_state_dict,
     load_source_,
+    read_hf_llama,
     resolve_source,
     single_process_config,
 )
@@ -146,13 +147,16 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
     Starts and tears down its own one-process runtime, as ``training.loop.train`` does.
     """
     say = log or (lambda _msg: None)
-    source, plan, dense_cfg = _prepare(dense_source, moe_config, out_dir, granularity,
-                                       router_init, router_std, scale_weights, carry_optimizer)
+    source, plan, dense_cfg, hf_tensors = _prepare(dense_source, moe_config, out_dir, granularity,
+                                                   router_init, router_std, scale_weights,
+                                                   carry_optimizer)
     work = single_process_config(moe_config, "fp32")
     runtime = initialize(work)
     try:
-        say(f"reading {source.path}")
-        dense_chunks, moments = _read_dense(source, dense_cfg, runtime, carry_optimizer)
+        say(f"loading the dense model from {source.path}")
+        dense_chunks, moments = _read_dense(source, dense_cfg, runtime, carry_optimizer,
+                                            hf_tensors)
+        del hf_tensors  # the dense chunks hold the weights now
         dense_state = global_state_dict(dense_chunks)
         moe_state = upcycle_state_dict(dense_state, plan)
         moe_chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
@@ -178,7 +182,8 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
 
 def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: int,
              router_init: str, router_std: float, scale_weights: bool, carry_optimizer: bool):
-    """Every check that needs no model: (source, plan, dense config). Raises UpcycleError."""
+    """Every check that needs no model: (source, plan, dense config, and a Hugging Face folder's
+    tensors, else None). Raises UpcycleError or InteropError."""
     _check_single_process()
     source = resolve_source(dense_source)
     if carry_optimizer and source.kind != "mm1-moe":
@@ -193,17 +198,21 @@ def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: i
         raise UpcycleError(f"train.dtype ({moe_config.train.dtype}) checkpoints hold the GPU-only "
                            "mixed-precision optimizer's state: upcycle on a GPU machine, or for "
                            "an fp32 run set train.dtype=fp32")
-    return source, plan, dense_cfg
+    # A Hugging Face folder is read and checked tensor by tensor now, before the runtime starts
+    # and both models are built: a missing or mis-shaped tensor fails before that work
+    hf_tensors = read_hf_llama(source.path, dense_cfg) if source.kind == "huggingface" else None
+    return source, plan, dense_cfg, hf_tensors
 
 
-def _read_dense(source: DenseSource, dense_cfg: Config, runtime, carry_optimizer: bool):
-    """Single-process fp32 dense chunks loaded from the source, and (carry_optimizer) the
-    dense run's Adam moments."""
+def _read_dense(source: DenseSource, dense_cfg: Config, runtime, carry_optimizer: bool,
+                hf_tensors: Optional[Dict[str, torch.Tensor]]):
+    """Single-process fp32 dense chunks loaded from the source (a Hugging Face folder: from the
+    tensors ``_prepare`` read), and (carry_optimizer) the dense run's Adam moments."""
     work = single_process_config(dense_cfg, "fp32")
     chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
     if carry_optimizer:
         return chunks, read_dense_optimizer(work, chunks, source.path)
-    load_source_(chunks, source, work)
+    load_source_(chunks, source, work, hf_tensors)
     return chunks, None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import yaml
@@ -32,7 +32,7 @@ class DenseSource:
 
 def resolve_source(path: str) -> DenseSource:
     """A step folder, a checkpoints root or run folder (newest complete checkpoint), or a
-    Hugging Face model folder (``config.json`` + safetensors)."""
+    Hugging Face model folder (``config.json`` + safetensors or .bin weights)."""
     if not os.path.exists(path):
         raise UpcycleError(f"dense source {path!r} does not exist")
     if os.path.isfile(os.path.join(path, COMPLETE)):
@@ -122,18 +122,35 @@ def dense_config(source: DenseSource, moe_config: Config) -> Config:
             raise UpcycleError(f"{source.path} is already a mixture of experts "
                                f"(model.decoder.moe.num_experts = {moe.num_experts} in its config)")
         return config
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(source.path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise UpcycleError(f"{source.path}: cannot read the Hugging Face config ({err})") from err
-    _check_hf_config(hf_config, moe_config, source.path)
+    _check_hf_config(_read_hf_config(source.path), moe_config, source.path)
     return _as_dense(moe_config)
 
 
-def load_source_(chunks: List[torch.nn.Module], source: DenseSource, config: Config) -> int:
-    """Fill single-process chunks from the source (model tensors only); returns how many."""
+def _read_hf_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise UpcycleError(f"{path}: cannot read the Hugging Face config ({err})") from err
+
+
+def read_hf_llama(path: str, config: Config) -> Dict[str, torch.Tensor]:
+    """The Llama tensors of a Hugging Face folder, read from its weight files by our reader (not
+    ``from_pretrained``, which fills a missing tensor at random and drops an extra one): a
+    missing, extra or mis-shaped tensor is an InteropError naming it and its file, raised before
+    anything is written. Tensors keep their stored dtype; loading copies them into fp32."""
+    from ..interop.hf_files import read_hf_weights
+    from ..interop.llama import llama_tensors_from_files
+
+    tied = bool(getattr(_read_hf_config(path), "tie_word_embeddings", False))
+    return llama_tensors_from_files(read_hf_weights(path), config, tied)
+
+
+def load_source_(chunks: List[torch.nn.Module], source: DenseSource, config: Config,
+                 hf_tensors: Optional[Dict[str, torch.Tensor]] = None) -> int:
+    """Fill single-process chunks from the source (model tensors only); returns how many. A
+    Hugging Face folder is read with :func:`read_hf_llama` unless its tensors are given."""
     if source.kind == "mm1-moe":
         from megatron.core import dist_checkpointing
 
@@ -145,12 +162,11 @@ def load_source_(chunks: List[torch.nn.Module], source: DenseSource, config: Con
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
         return sum(1 for c in chunks for _ in _sharded_tensors(c))
-    from transformers import LlamaForCausalLM
-
     from ..interop import load_llama_
 
-    hf = LlamaForCausalLM.from_pretrained(source.path, local_files_only=True, dtype=torch.float32)
-    return load_llama_(chunks, hf.state_dict(), config)
+    if hf_tensors is None:
+        hf_tensors = read_hf_llama(source.path, config)
+    return load_llama_(chunks, hf_tensors, config)
 
 
 @torch.no_grad()
