@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
 
     samples: dict = {}
     result = train(config, log=log, on_finish=lambda trainer: samples.update(
-        _sample_caption(trainer) or {}))
+        _safe_sample_caption(trainer, rank) or {}))
     if rank == 0 and not result.steps:
         print(f"nothing to train: the run in {config.train.output_dir} is already at step "
               f"{config.train.steps} (train.steps). Raise train.steps, or start afresh with "
@@ -84,6 +84,18 @@ def _train(args: argparse.Namespace) -> int:
             print(f"sample caption for bundled image {samples['image']}:\n"
                   f"  model:   {samples['model']!r}\n  written: {samples['truth']!r}", flush=True)
     return 0
+
+
+def _safe_sample_caption(trainer, rank: int) -> Optional[dict]:
+    """The closing sample is a courtesy: the run has trained and saved by now, so a failure in
+    it is reported and never changes the command's exit code."""
+    try:
+        return _sample_caption(trainer)
+    except Exception as err:  # noqa: BLE001 - any failure here must not fail a finished run
+        if rank == 0:
+            print(f"warning: the sample caption failed ({type(err).__name__}: {err}); "
+                  "training and checkpoints are unaffected", flush=True)
+        return None
 
 
 def _sample_caption(trainer) -> Optional[dict]:
@@ -217,15 +229,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every (sub)command: show the traceback of an expected error too."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the full traceback of any error (default: a one-line "
+                             "message for expected errors)")
+    for action in parser._actions:  # argparse has no public walk over subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_flag(child)
+
+
+def expected_errors() -> tuple:
+    """What a user can cause and fix (bad config, data, checkpoint, Hugging Face folder, upcycle
+    source): a message, not a traceback. Anything else is a bug and keeps its traceback."""
+    from .data.common import DataError
+    from .interop.llama import InteropError
+    from .training.checkpoint import CheckpointError
+    from .upcycle.convert import UpcycleError
+
+    return ConfigError, DataError, CheckpointError, InteropError, UpcycleError
+
+
+def report_error(command: str, err: BaseException) -> None:
+    """``mm1-moe <command>: <message>`` on rank 0. Other ranks stay quiet for config errors
+    (every rank reads the same config) and tag theirs with the rank otherwise (a data or
+    checkpoint error may be one rank's alone)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"mm1-moe {command}: {err}", file=sys.stderr, flush=True)
+    elif not isinstance(err, ConfigError):
+        print(f"mm1-moe {command} [rank {rank}]: {err}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. Expected errors print one line and exit 2 on every rank; ``--debug``
+    (or ``MM1_MOE_DEBUG=1``) lets them raise with their traceback."""
     # Megatron warns at import that Apex/Transformer Engine are absent; we use neither on purpose
     # (torch's optimizers and norms, our kernels): keep the console for the command's output.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("MM1_MOE_DEBUG") == "1"
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"mm1-moe {args.command}: {err}", file=sys.stderr)
+    except expected_errors() as err:
+        if debug:
+            raise
+        report_error(" ".join(filter(None, (args.command, getattr(args, "data_command", None)))),
+                     err)
         return 2
 
 

@@ -221,21 +221,14 @@ def render_tokens(tokens: List[int], tok: MM1Tokenizer, tokens_per_image: int,
 
 
 def run_inspect(args) -> int:
-    """The ``mm1-moe data inspect`` command: prints the report, or the error and returns 2.
-    ``args``: target, overrides, samples, sequences, tokenizer, seq_length, max_images,
-    tokens_per_image, image_size (the last four shape the packing of shards)."""
-    import sys
-
-    from ..config import ConfigError
-
+    """The ``mm1-moe data inspect`` command: prints the report (a DataError or ConfigError goes
+    to the CLI's error boundary: one line, exit 2). ``args``: target, overrides, samples,
+    sequences, tokenizer, seq_length, max_images, tokens_per_image, image_size (the last four
+    shape the packing of shards)."""
     shape = {k: getattr(args, k, None) for k in ("seq_length", "tokens_per_image", "image_size")}
     shape["max_images_per_sequence"] = getattr(args, "max_images", None)
-    try:
-        spec = DataSpec(**{k: v for k, v in shape.items() if v is not None})
-        print(inspect(args.target, getattr(args, "overrides", ()) or (),
-                      num_samples=args.samples, num_sequences=args.sequences,
-                      tokenizer=getattr(args, "tokenizer", None), spec=spec))
-    except (DataError, ConfigError) as err:
-        print(f"mm1-moe data inspect: {err}", file=sys.stderr)
-        return 2
+    spec = DataSpec(**{k: v for k, v in shape.items() if v is not None})
+    print(inspect(args.target, getattr(args, "overrides", ()) or (),
+                  num_samples=args.samples, num_sequences=args.sequences,
+                  tokenizer=getattr(args, "tokenizer", None), spec=spec))
     return 0

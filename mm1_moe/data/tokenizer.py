@@ -28,6 +28,7 @@ class MM1Tokenizer:
         self.eos_id: int = ids[EOS]
         self.pad_id: int = ids[PAD]
         self.bos_id: Optional[int] = ids.get(BOS)
+        self.unk_id: Optional[int] = ids.get(UNK)
         self.vocab_size = vocab_size
 
     def encode(self, text: str) -> List[int]:
@@ -104,7 +105,8 @@ def _load_sentencepiece(path: str) -> MM1Tokenizer:
         i = backend.piece_to_id(name)
         return None if i == unk and name != UNK else i
 
-    ids = {IMAGE: piece(IMAGE), EOS: piece(EOS), PAD: piece(PAD), BOS: piece(BOS)}
+    ids = {IMAGE: piece(IMAGE), EOS: piece(EOS), PAD: piece(PAD), BOS: piece(BOS),
+           UNK: piece(UNK)}
     if ids[PAD] is None and backend.pad_id() >= 0:
         ids[PAD] = backend.pad_id()
     missing = [t for t in (IMAGE, EOS, PAD) if ids[t] is None]

@@ -13,12 +13,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..config import Config, dump_config
+from ..config import Config, ConfigError, dump_config
 from ..models.builder import build_model_chunks, wrap_ddp
 from ..moe.layer import MoELayer, MoEMetrics
 from ..runtime import Runtime, initialize, shutdown
@@ -43,6 +43,7 @@ class StepLog:
     tflops_per_gpu: float = 0.0
     mfu: Optional[float] = None
     moe: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    empty_microbatches: int = 0  # micro-batches with no loss token (all their documents lost)
 
 
 @dataclass
@@ -57,13 +58,17 @@ class TrainResult:
 
 def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Mean LM loss over the tokens the mask keeps; Megatron's schedule divides it by the number
-    of micro-batches, so equal-sized micro-batches give the global mean."""
+    of micro-batches, and every layout forms the same micro-batches (the loader deals them
+    whole), so every layout trains on the same mean of micro-batch means.
+
+    A micro-batch with no token to take a loss on (its documents were dropped for images that do
+    not decode) contributes zero loss and zero gradient; the trainer counts and reports it, and
+    the loader's limit on lost sequences is what stops a run."""
     mask = loss_mask.reshape(-1).float()
     total = mask.sum()
-    if total == 0:
-        raise ValueError("a micro-batch has no token to take a loss on (loss_mask is all zero)")
-    loss = (per_token_loss.reshape(-1).float() * mask).sum() / total
-    return loss, {"lm_loss": loss.detach().clone()}  # clone: the schedule rescales in place
+    loss = (per_token_loss.reshape(-1).float() * mask).sum() / total.clamp(min=1.0)
+    # clone: the schedule rescales the reported loss in place
+    return loss, {"lm_loss": loss.detach().clone(), "loss_tokens": total.detach()}
 
 
 def forward_step(device: torch.device, data_iterator, model):
@@ -109,37 +114,58 @@ def decoder_param_count(config: Config) -> int:
     return counts.decoder_dense + counts.experts + counts.routers
 
 
-def _global_loss(losses: List[Dict[str, torch.Tensor]]) -> float:
-    """Mean of the micro-batch losses over the last stage's data-parallel ranks, made known
-    to every rank (one all-reduce of [sum, count] over the world)."""
+def _global_loss(losses: List[Dict[str, torch.Tensor]]) -> Tuple[float, int]:
+    """(mean of the micro-batch losses over the last stage's data-parallel ranks, number of
+    micro-batches with no loss token), made known to every rank (one all-reduce over the
+    world). The mean leaves out the empty micro-batches: they train on nothing, and a 0 in the
+    average would report a loss the model does not have."""
     from megatron.core import parallel_state as ps
 
     reporting = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    values = torch.zeros(2, dtype=torch.float64)
-    if reporting and losses:
-        values[0] = sum(float(l["lm_loss"]) for l in losses) / len(losses)
-        values[1] = 1.0
+    values = torch.zeros(3, dtype=torch.float64)  # [sum of losses, micro-batches, empty ones]
+    if reporting:
+        for entry in losses:
+            if float(entry["loss_tokens"]) > 0:
+                values[0] += float(entry["lm_loss"])
+                values[1] += 1.0
+            else:
+                values[2] += 1.0
     if dist.get_world_size() > 1:
         dist.all_reduce(values)
-    return float(values[0] / values[1])
+    loss = float(values[0] / values[1]) if values[1] > 0 else math.nan
+    return loss, int(values[2])
+
+
+def reduce_over_data_parallel(metrics: MoEMetrics) -> MoEMetrics:
+    """One layer's statistics over the whole step: the data-parallel ranks (expert-parallel
+    ones included: Megatron carves them out of the data-parallel group) saw different tokens,
+    so expert loads and dropped slots are summed and the per-micro-batch aux and z losses
+    averaged (every rank runs the same number of micro-batches). Tensor-parallel ranks saw the
+    same tokens and are left out. Collective over the data-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    size = ps.get_data_parallel_world_size()
+    if size == 1:
+        return metrics
+    counts = metrics.tokens_per_expert_E.to(torch.float64)
+    packed = torch.cat([counts, torch.tensor([metrics.dropped, metrics.aux_loss,
+                                              metrics.z_loss], dtype=torch.float64)])
+    dist.all_reduce(packed, group=ps.get_data_parallel_group())
+    E = counts.numel()
+    return MoEMetrics(packed[:E].round().to(torch.int64), int(round(float(packed[E]))),
+                      float(packed[E + 1]) / size, float(packed[E + 2]) / size)
 
 
 def gather_moe_metrics(layers: List[MoELayer]) -> Dict[int, Dict[str, float]]:
-    """Each MoE layer's statistics over the step, with expert loads summed over the
-    data-parallel ranks (distinct tokens), collected from every pipeline stage. Collective:
-    every rank calls it."""
-    from megatron.core import parallel_state as ps
-
+    """Each MoE layer's statistics over the step, reduced over the data-parallel ranks
+    (``reduce_over_data_parallel``) and collected from every pipeline stage, so every layout
+    reports what one process reports. Collective: every rank calls it."""
     local: Dict[int, Dict[str, float]] = {}
     for layer in layers:
         metrics = layer.metrics.read()
         if metrics is None:
             continue
-        counts = metrics.tokens_per_expert_E.clone()
-        if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(counts, group=ps.get_data_parallel_group())
-        local[int(layer.layer_number)] = MoEMetrics(counts, metrics.dropped, metrics.aux_loss,
-                                                    metrics.z_loss).summary()
+        local[int(layer.layer_number)] = reduce_over_data_parallel(metrics).summary()
     if dist.get_world_size() == 1:
         return local
     gathered: List[Dict[int, Dict[str, float]]] = [None] * dist.get_world_size()  # type: ignore
@@ -178,6 +204,7 @@ class Trainer:
         _configure_schedule(self.model, self.optimizer)
         self.data = build_data(config, ps.get_data_parallel_rank(), runtime.data_parallel_size)
         self.step_index = 0
+        self.empty_microbatches = 0
         self.metrics_log = MetricsLog(config.train.output_dir) if runtime.is_main else None
         self.flops_per_token = training_flops_per_token(config)
         self.peak_tflops = device_peak_tflops(config.train.peak_tflops)
@@ -221,10 +248,19 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = self.config.train.global_batch_size * self.config.data.seq_length
         tflops = self.flops_per_token * tokens / elapsed / 1e12 / self.runtime.world_size
-        entry = StepLog(self.step_index, _global_loss(losses),
+        loss, empty = _global_loss(losses)
+        entry = StepLog(self.step_index, loss,
                         float(grad_norm) if grad_norm is not None else math.nan,
                         lr, tokens / elapsed, tflops,
-                        tflops / self.peak_tflops if self.peak_tflops else None)
+                        tflops / self.peak_tflops if self.peak_tflops else None,
+                        empty_microbatches=empty)
+        if empty:
+            self.empty_microbatches += empty
+            if self.runtime.is_main:
+                print(f"warning: step {self.step_index}: {empty} micro-batch(es) had no token "
+                      "to take a loss on (every document lost to images that do not decode); "
+                      f"they count as zero loss ({self.empty_microbatches} in this run so far)",
+                      flush=True)
         log_step = self.step_index % self.config.train.log_interval == 0
         if log_step or self.step_index == self.config.train.steps:
             entry.moe = gather_moe_metrics(self.moe_layers)
@@ -265,7 +301,7 @@ class Trainer:
         state = resume_latest(self.checkpoint_root, self.load, report) if tr.resume else None
         if state is None and tr.load_from:
             if not os.path.isdir(tr.load_from):
-                raise FileNotFoundError(f"train.load_from ({tr.load_from!r}) does not exist")
+                raise ConfigError(f"train.load_from ({tr.load_from!r}) does not exist")
             root = tr.load_from
             if not complete_checkpoints(root) and os.path.isdir(os.path.join(root, "checkpoints")):
                 root = os.path.join(root, "checkpoints")  # a run folder
@@ -274,8 +310,10 @@ class Trainer:
             else:
                 state = resume_latest(root, self.load, report)
             if state is None:
-                raise FileNotFoundError(f"train.load_from ({tr.load_from!r}) holds no complete "
+                raise ConfigError(f"train.load_from ({tr.load_from!r}) holds no complete "
                                         "checkpoint (step_* folder with complete.json)")
+        if self.metrics_log is not None:  # one record per step in metrics.jsonl
+            self.metrics_log.resume_at(self.step_index)
         if state is None:
             return None
         report(f"resumed from {state['path']} at step {state['step']}")

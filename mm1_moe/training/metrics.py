@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict
 from typing import Any, Dict, Optional
 
@@ -37,14 +38,56 @@ class MetricsLog:
 
     def __init__(self, output_dir: str):
         os.makedirs(output_dir, exist_ok=True)
+        self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._tb = None
+        self._open_tensorboard(purge_step=None)
+
+    def _open_tensorboard(self, purge_step: Optional[int]) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         except (ImportError, ModuleNotFoundError):
-            pass
+            return
+        if self._tb is not None:
+            self._tb.close()
+        self._tb = SummaryWriter(os.path.join(self.output_dir, "tensorboard"),
+                                 purge_step=purge_step)
+
+    def resume_at(self, step: int) -> int:
+        """Forget the records of steps after ``step`` (a resumed run trains them again, so the
+        log keeps one record per step); TensorBoard purges them too. The file is rewritten
+        atomically. A run that starts from step 0 over an old log (train.resume=false in a used
+        output_dir) moves that log aside instead, to ``metrics.<time>.jsonl``: nothing is
+        deleted. Returns the number of records dropped or moved."""
+        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            return 0
+        if step == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = os.path.join(self.output_dir, f"metrics.{stamp}.jsonl")
+            with open(self.path, encoding="utf-8") as handle:
+                moved = sum(1 for _ in handle)
+            os.replace(self.path, aside)
+            print(f"metrics: the earlier log of {self.output_dir} ({moved} records) moved to "
+                  f"{aside}", flush=True)
+            return moved
+        kept, dropped = [], 0
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    later = json.loads(line).get("step", 0) > step
+                except (json.JSONDecodeError, AttributeError, TypeError):
+                    later = False  # not ours to judge: keep a line we cannot read
+                if later:
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.writelines(kept)
+            os.replace(tmp, self.path)
+            self._open_tensorboard(purge_step=step + 1)
+        return dropped
 
     def write(self, record: Dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:

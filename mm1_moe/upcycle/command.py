@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
-from ..config import ConfigError, load_config
+from ..config import load_config
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -48,20 +47,16 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     warnings.filterwarnings("ignore",
                             message=".*(Apex|Transformer Engine|full scope is deprecated).*")
-    from ..interop import InteropError
     from .api import upcycle
-    from .convert import UpcycleError
 
-    try:
-        config = load_config(args.config, args.overrides)
-        report = upcycle(args.source, config, args.out, router_init=args.router_init,
-                         router_std=args.router_std, granularity=args.granularity,
-                         scale_weights=args.scale_weights, verify=args.verify,
-                         carry_optimizer=args.carry_optimizer,
-                         log=lambda msg: print(f"mm1-moe upcycle: {msg}", flush=True))
-    except (UpcycleError, InteropError, ConfigError) as err:
-        print(f"mm1-moe upcycle: {err}", file=sys.stderr)
-        return 2
+    # UpcycleError, InteropError, ConfigError, CheckpointError: the CLI's error boundary prints
+    # them as one line and exits 2 (mm1_moe/cli.py)
+    config = load_config(args.config, args.overrides)
+    report = upcycle(args.source, config, args.out, router_init=args.router_init,
+                     router_std=args.router_std, granularity=args.granularity,
+                     scale_weights=args.scale_weights, verify=args.verify,
+                     carry_optimizer=args.carry_optimizer,
+                     log=lambda msg: print(f"mm1-moe upcycle: {msg}", flush=True))
     print(report.summary(), flush=True)
     if report.ok and report.checkpoint:
         print(f"continue with: mm1-moe train --config {os.path.join(args.out, 'config.yaml')}",

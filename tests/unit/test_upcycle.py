@@ -19,7 +19,6 @@ import torch
 from mm1_moe.config import load_config
 from mm1_moe.upcycle import UpcycleError, make_plan, upcycle
 from mm1_moe.upcycle import convert as convert_module
-from mm1_moe.upcycle.command import add_parser
 from mm1_moe.upcycle.verify import ATOL, RTOL
 
 from _reference_models import perturbed
@@ -343,12 +342,10 @@ def test_an_moe_source_and_a_used_output_folder_are_refused(dense_run, tmp_path)
 
 
 def _cli(*argv: str) -> int:
-    import argparse
+    """``mm1-moe upcycle ARGV`` in this process, through the CLI's error boundary."""
+    from mm1_moe.cli import main
 
-    parser = argparse.ArgumentParser(prog="mm1-moe")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["upcycle", *argv])
-    return args.func(args)
+    return main(["upcycle", *argv])
 
 
 def test_command_line_exit_codes(dense_run, tmp_path, capsys, monkeypatch):
