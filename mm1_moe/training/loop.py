@@ -22,6 +22,7 @@ from ..config import Config, ConfigError, dump_config
 from ..models.builder import build_model_chunks, wrap_ddp
 from ..moe.layer import MoELayer, MoEMetrics
 from ..runtime import Runtime, initialize, shutdown
+from ..runtime.threads import CpuShare
 from .data import build_data
 from .checkpoint import (COMPLETE, complete_checkpoints, load_checkpoint, resume_latest,
                          save_checkpoint)
@@ -329,11 +330,17 @@ def train(config: Config, log: Optional[Callable[[StepLog], None]] = None,
     try:
         if runtime.is_main:  # after start-up: a layout that cannot start leaves no files
             dump_config(config, os.path.join(config.train.output_dir, "config.yaml"))
+        # CPU: intra-op threads follow the cores other processes leave free (runtime/threads.py);
+        # the first look covers the model build
+        share = CpuShare(report=print if runtime.is_main else None) if runtime.cpu_compat \
+            else None
         trainer = Trainer(config, runtime, log if runtime.is_main else None)
         trainer.restore()
         result = TrainResult()
         interval = config.train.save_interval
         while trainer.step_index < config.train.steps:
+            if share is not None:
+                share.update()
             result.steps.append(trainer.train_step())
             if interval and trainer.step_index % interval == 0:
                 trainer.save()

@@ -60,3 +60,45 @@ def test_worker_threads_started_inside_the_block_stay_serial():
     before, inside, after, fresh, unguarded = (int(n) for n in proc.stdout.split())
     assert inside == before and after == before, (before, inside, after)
     assert unguarded == fresh + 1, (fresh, unguarded)  # the control: one more OpenMP thread
+
+
+# --- CpuShare: the thread count follows the cores other processes leave free ----------------------
+def _share(monkeypatch, samples, max_threads=2, cores=2):
+    """A CpuShare fed (time, machine busy seconds, our CPU seconds) samples instead of psutil."""
+    import torch
+
+    from mm1_moe.runtime import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: state["threads"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: state.update(threads=n))
+    monkeypatch.setattr(threads.CpuShare, "_sample", staticmethod(lambda: samples.pop(0)))
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    state = {"threads": max_threads}
+    reports = []
+    return threads.CpuShare(interval_s=5.0, report=reports.append), state, reports
+
+
+def test_cpu_share_steps_down_for_a_busy_neighbour_and_back_up(monkeypatch):
+    samples = [(0.0, 0.0, 0.0),
+               (1.0, 1.9, 1.2),     # start-up: we used 1.2 cores, someone else 0.7 -> 1 thread
+               (3.0, 5.9, 3.2),     # not due yet (interval 5 s): no look
+               (7.0, 13.9, 7.2),    # others 1.0 core -> stays at 1
+               (13.0, 25.3, 18.6)]  # others 0.0: the neighbour left -> back to 2
+    share, state, reports = _share(monkeypatch, samples)
+    assert share.update() == 1 and state["threads"] == 1
+    assert share.update() == 1
+    assert share.update() == 1
+    assert share.update() == 2 and state["threads"] == 2
+    assert reports == ["cpu threads: 2 -> 1 (other processes used 0.7 of 2 cores)",
+                       "cpu threads: 1 -> 2 (other processes used 0.0 of 2 cores)"]
+
+
+def test_cpu_share_keeps_an_explicit_omp_num_threads(monkeypatch):
+    share, state, _ = _share(monkeypatch, [(0.0, 0.0, 0.0)])
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    from mm1_moe.runtime.threads import CpuShare
+
+    assert CpuShare().enabled is False
+    assert share.threads_for(others=1.8) == 1 and share.threads_for(others=0.3) == 2
