@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Dict, List
+from typing import Dict, List, Set, Tuple
 
 LOG = logging.getLogger("mm1_moe.data")
 
@@ -23,14 +23,25 @@ class DataError(ValueError):
 
 
 class SkipCounter:
-    """Counts skipped inputs by kind; logs the first ``log_first`` of each kind."""
+    """Counts skipped inputs by kind; logs the first ``log_first`` of each kind.
+
+    Each input counts once: a source that wraps around to its next epoch, or a shard opened
+    again, meets the same damaged input again; that adds to ``repeats``, not to ``counts``, and
+    logs nothing (before, a 1-file damage was reported once per epoch and counted per reopen)."""
 
     def __init__(self, log_first: int = 3):
         self.counts: Counter = Counter()
         self.examples: Dict[str, List[str]] = {}
         self.log_first = log_first
+        self.repeats = 0
+        self._seen: Set[Tuple[str, str, str]] = set()
 
     def skip(self, kind: str, where: str, why: str = "") -> None:
+        key = (kind, where, why)
+        if key in self._seen:
+            self.repeats += 1
+            return
+        self._seen.add(key)
         self.counts[kind] += 1
         message = f"{where}: {why}" if why else where
         seen = self.examples.setdefault(kind, [])

@@ -177,3 +177,16 @@ def test_a_shard_of_only_corrupt_images_stops_instead_of_yielding_padding(tiny_s
     with pytest.raises(DataError, match="lost every document .*all-bad.tar:a"):
         for _ in range(10):
             next(loader)
+
+
+def test_a_damaged_input_met_again_counts_and_logs_once(caplog):
+    """An epoch wrap or a reopened shard meets the same damaged input again."""
+    from mm1_moe.data.common import SkipCounter
+
+    skips = SkipCounter(log_first=3)
+    with caplog.at_level("WARNING", logger="mm1_moe.data"):
+        for _ in range(3):  # three epochs over the same shard
+            skips.skip("corrupt_image", "a.tar:000001.jpg", "cannot identify image file")
+        skips.skip("corrupt_image", "a.tar:000002.jpg", "cannot identify image file")
+    assert skips.as_dict() == {"corrupt_image": 2} and skips.repeats == 2
+    assert len([r for r in caplog.records if "000001" in r.getMessage()]) == 1
