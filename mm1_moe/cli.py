@@ -3,7 +3,7 @@
   mm1-moe train [--config YAML] [dotted.key=value ...]    train (also under torchrun)
   mm1-moe info  --config YAML [--tp N --pp N --ep N --dp N] [--json] [--family]
   mm1-moe data inspect SHARD|FOLDER|YAML
-  mm1-moe bench experts|layer|step|kernels|attention|data|plot [ARGS]   (source checkout)
+  mm1-moe bench experts|layer|step|kernels|attention|data|threads|plot [ARGS]   (checkout)
   mm1-moe upcycle --from DENSE --config MOE_YAML --out DIR [options] [dotted.key=value ...]
 
 Without ``--config``, ``train`` runs the embedded default (``configs/default.yaml``, shipped in
@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark script (benchmarks/ of the checkout)")
     bench.add_argument("mode", choices=list(BENCH_MODES),
                        help="experts | layer: bench_moe_layer.py; step: bench_step.py; kernels, "
-                            "attention, data: bench_<name>.py; plot: plot.py")
+                            "attention, data: bench_<name>.py; threads: bench_cpu_threads.py; "
+                            "plot: plot.py")
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="the script's own options, e.g. --config YAML --tokens 16384 --ep 1 "
                             "--smoke --out DIR (MODE --help lists them)")

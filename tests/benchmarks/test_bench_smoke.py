@@ -12,7 +12,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abs
 
 
 @pytest.mark.parametrize("script", ["bench_moe_kernels.py", "bench_data.py", "bench_moe_layer.py",
-                                    "bench_step.py"])
+                                    "bench_step.py", "bench_cpu_threads.py"])
 def test_benchmark_smoke(script):
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
     proc = subprocess.run([sys.executable, os.path.join(BENCH, script), "--smoke", "--no-csv"],
