@@ -322,16 +322,20 @@ def _variant_folder(tmp_path: Path, model, edit=None) -> Path:
     return folder
 
 
+def _assert_upcycles_to_the_logits_of(hf_model, folder, tmp_path):
+    config = _moe()
+    report = upcycle(str(folder), config, str(tmp_path / "out"))
+    assert report.preserved, report.summary()
+    torch.testing.assert_close(_upcycled_logits(report, config, _tokens()),
+                               _hf_logits(hf_model, _tokens()), rtol=RTOL, atol=ATOL)
+
+
 def test_tied_embeddings_without_lm_head_are_accepted(tmp_path):
     tied = _llama(seed=1, tie_word_embeddings=True)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     folder = _variant_folder(tmp_path, tied)
     assert "lm_head.weight" not in safetensors_torch.load_file(str(folder / "model.safetensors"))
-    config = _moe()
-    report = upcycle(str(folder), config, str(tmp_path / "out"))
-    assert report.preserved, report.summary()
-    torch.testing.assert_close(_upcycled_logits(report, config, _tokens()),
-                               _hf_logits(tied, _tokens()), rtol=RTOL, atol=ATOL)
+    _assert_upcycles_to_the_logits_of(tied, folder, tmp_path)
 
 
 def test_tied_embeddings_with_a_different_stored_lm_head_are_refused(tmp_path):
@@ -362,11 +366,7 @@ def test_bf16_weights_are_read_as_stored(tmp_path):
     folder = _variant_folder(tmp_path, bf16)
     stored = safetensors_torch.load_file(str(folder / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in stored.values())
-    config = _moe()
-    report = upcycle(str(folder), config, str(tmp_path / "out"))
-    assert report.preserved, report.summary()
-    torch.testing.assert_close(_upcycled_logits(report, config, _tokens()),
-                               _hf_logits(bf16, _tokens()), rtol=RTOL, atol=ATOL)
+    _assert_upcycles_to_the_logits_of(bf16, folder, tmp_path)
 
 
 def test_expected_shapes_are_the_transformers_models(model):
