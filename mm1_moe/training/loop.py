@@ -312,7 +312,7 @@ class Trainer:
                 state = resume_latest(root, self.load, report)
             if state is None:
                 raise ConfigError(f"train.load_from ({tr.load_from!r}) holds no complete "
-                                        "checkpoint (step_* folder with complete.json)")
+                                  "checkpoint (step_* folder with complete.json)")
         if self.metrics_log is not None:  # one record per step in metrics.jsonl
             self.metrics_log.resume_at(self.step_index)
         if state is None:
