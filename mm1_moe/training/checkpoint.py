@@ -110,10 +110,13 @@ def save_checkpoint(root: str, step: int, model_chunks, optimizer, scheduler,
             shutil.rmtree(tmp)  # a crashed earlier attempt at this step
         os.makedirs(tmp)
     _barrier()
-    rng_state.write(tmp)
+    rng = rng_state.capture()
     state = _sharded_state(model_chunks, optimizer, loading=False)
     with serial_collectives():  # see runtime/threads.py: 2x slower steps after a save otherwise
         dist_checkpointing.save(state, tmp)
+    # after the save: Megatron warns "Overwriting old incomplete / corrupted checkpoint" when
+    # the folder it saves into is not empty
+    rng_state.write(tmp, rng)
     _barrier()
     if dist.get_rank() == 0:
         meta = {"step": step, "layout": _layout(), "saved_at": time.time(),
