@@ -814,3 +814,13 @@ def test_is_moe_layer_dense_has_none():
 def test_vision_num_patches():
     assert VisionConfig().num_patches == 729
     assert VisionConfig(image_size=56, patch_size=14).num_patches == 16
+
+
+def test_the_embedded_default_is_the_configs_default():
+    """``mm1-moe train`` without --config runs mm1_moe/default.yaml (shipped in the package);
+    configs/default.yaml is its copy for readers of the checkout. They must not drift."""
+    import mm1_moe
+
+    embedded = Path(mm1_moe.__file__).resolve().parent / "default.yaml"
+    assert embedded.read_bytes() == (CONFIG_DIR / "default.yaml").read_bytes(), (
+        "configs/default.yaml and mm1_moe/default.yaml differ: change both")
