@@ -105,11 +105,6 @@ def _hf_shared_layer_names(i: int) -> List[str]:
             *(f"{p}.self_attn.{n}_proj.weight" for n in "qkvo")]
 
 
-def _hf_layer_names(i: int) -> List[str]:
-    p = f"model.layers.{i}"
-    return [*_hf_shared_layer_names(i), *(f"{p}.mlp.{n}_proj.weight" for n in ("gate", "up", "down"))]
-
-
 def _check_names(hf: Mapping[str, torch.Tensor], expected: Set[str], family: str) -> None:
     """Raise ``InteropError`` naming unexpected or missing tensors (rotary buffers ignored)."""
     present = {k for k in hf if not k.endswith(ROTARY_BUFFER)}
@@ -262,10 +257,7 @@ def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[
     if dec.moe.enabled:
         raise InteropError("a Llama checkpoint is dense; model.decoder.moe.num_experts must be 0 "
                            "(upcycle it into an MoE decoder instead)")
-    expected = _expected_shared_names(config)
-    for i in range(dec.num_layers):
-        expected.update(_hf_layer_names(i))
-    _check_names(hf, expected, "Llama")
+    _check_names(hf, set(llama_shapes(config)), "Llama")
     out = _shared_from_hf(hf, config)
     D, F = dec.hidden_size, dec.ffn_hidden_size
     for i in range(dec.num_layers):
