@@ -92,12 +92,10 @@ class CpuShare:
 
     def update(self) -> int:
         """Re-size the intra-op pool if due; returns the thread count in force."""
-        if not self.enabled:
-            return torch.get_num_threads()
-        now = self._sample()
         due = self.FIRST_LOOK_S if self._first else self.interval_s
-        if now[0] - self._last[0] < due:
-            return torch.get_num_threads()
+        if not self.enabled or time.monotonic() - self._last[0] < due:
+            return torch.get_num_threads()  # the clock first: psutil only when a look is due
+        now = self._sample()
         self._first = False
         others = self.others_busy_cores(self._last, now)
         self._last = now

@@ -63,8 +63,9 @@ def test_worker_threads_started_inside_the_block_stay_serial():
 
 
 # --- CpuShare: the thread count follows the cores other processes leave free ----------------------
-def _share(monkeypatch, samples, max_threads=2, cores=2):
-    """A CpuShare fed (time, machine busy seconds, our CPU seconds) samples instead of psutil."""
+def _share(monkeypatch, samples, clock=(), max_threads=2, cores=2):
+    """A CpuShare fed (time, machine busy seconds, our CPU seconds) samples instead of psutil,
+    and ``clock``: the time each update() reads before deciding whether to take one."""
     import torch
 
     from mm1_moe.runtime import threads
@@ -73,6 +74,8 @@ def _share(monkeypatch, samples, max_threads=2, cores=2):
     monkeypatch.setattr(torch, "get_num_threads", lambda: state["threads"])
     monkeypatch.setattr(torch, "set_num_threads", lambda n: state.update(threads=n))
     monkeypatch.setattr(threads.CpuShare, "_sample", staticmethod(lambda: samples.pop(0)))
+    times = iter(clock)
+    monkeypatch.setattr(threads.time, "monotonic", lambda: next(times))
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cores)),
                         raising=False)
     state = {"threads": max_threads}
@@ -83,10 +86,10 @@ def _share(monkeypatch, samples, max_threads=2, cores=2):
 def test_cpu_share_steps_down_for_a_busy_neighbour_and_back_up(monkeypatch):
     samples = [(0.0, 0.0, 0.0),
                (1.0, 1.9, 1.2),     # start-up: we used 1.2 cores, someone else 0.7 -> 1 thread
-               (3.0, 5.9, 3.2),     # not due yet (interval 5 s): no look
                (7.0, 13.9, 7.2),    # others 1.0 core -> stays at 1
                (13.0, 25.3, 18.6)]  # others 0.0: the neighbour left -> back to 2
-    share, state, reports = _share(monkeypatch, samples)
+    clock = [1.0, 3.0, 7.0, 13.0]  # at 3.0 a look is not due yet (interval 5 s): no sample
+    share, state, reports = _share(monkeypatch, samples, clock)
     assert share.update() == 1 and state["threads"] == 1
     assert share.update() == 1
     assert share.update() == 1
