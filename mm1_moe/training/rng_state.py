@@ -62,13 +62,12 @@ def capture() -> Dict[str, Any]:
     return state
 
 
-def write(checkpoint_dir: str, states: Optional[Dict[str, Any]] = None) -> None:
-    """This rank's file in ``checkpoint_dir``: ``states`` (from ``capture()``), or the states
-    now."""
+def write(checkpoint_dir: str, states: Dict[str, Any]) -> None:
+    """``states`` (from ``capture()``) as this rank's file in ``checkpoint_dir``."""
     path = rank_file(checkpoint_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(capture() if states is None else states, handle)
+        json.dump(states, handle)
 
 
 @dataclass(frozen=True)
