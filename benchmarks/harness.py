@@ -21,20 +21,18 @@ import os
 import statistics
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-# The benchmark process's environment, set once here for every script (each imports this module
-# before any kernel): importing mm1_moe picks the Triton interpreter when there is no GPU (it
-# must precede triton's first import); TorchDynamo stays off; Megatron's import-time notes that
-# Apex / Transformer Engine are absent are silenced (we use neither on purpose).
-import mm1_moe  # noqa: E402,F401
+# The benchmark process's set-up, once here for every script (each imports this module before
+# any kernel): the kernels package picks the Triton interpreter when there is no GPU (at its
+# import), and setup_process() does the rest (mm1_moe/runtime/process.py).
+import mm1_moe.kernels  # noqa: E402,F401
+from mm1_moe.runtime import setup_process  # noqa: E402
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
+setup_process()
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

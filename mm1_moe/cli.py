@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from typing import List, Optional
 
 from .config import ConfigError, load_config
@@ -28,10 +27,6 @@ FAMILY = ("mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe", "mm1-7b-moe")
 
 
 def _train(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # no C++ compile on first use on CPU
-    # Megatron warns at import that Apex/Transformer Engine are absent; we use neither on purpose
-    # (torch's optimizers and norms, our kernels): keep the console for the training log.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     from .training.loop import StepLog, train
 
@@ -151,7 +146,6 @@ def _info(args: argparse.Namespace) -> int:
 
 def _module_tree_check(config, report) -> dict:
     """Count the decoder as built (on the meta device) and compare with the formula."""
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
     from .models.counting import decoder_param_counts_from_modules
 
     tree = decoder_param_counts_from_modules(config)
@@ -246,10 +240,11 @@ def expected_errors() -> tuple:
     source): a message, not a traceback. Anything else is a bug and keeps its traceback."""
     from .data.common import DataError
     from .interop.llama import InteropError
+    from .runtime.megatron_patches import UnsupportedMegatron
     from .training.checkpoint import CheckpointError
     from .upcycle.convert import UpcycleError
 
-    return ConfigError, DataError, CheckpointError, InteropError, UpcycleError
+    return ConfigError, DataError, CheckpointError, InteropError, UpcycleError, UnsupportedMegatron
 
 
 def report_error(command: str, err: BaseException) -> None:
@@ -266,12 +261,12 @@ def report_error(command: str, err: BaseException) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. Expected errors print one line and exit 2 on every rank; ``--debug``
     (or ``MM1_MOE_DEBUG=1``) lets them raise with their traceback."""
-    # Megatron warns at import that Apex/Transformer Engine are absent; we use neither on purpose
-    # (torch's optimizers and norms, our kernels): keep the console for the command's output.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     parser = build_parser()
     _add_debug_flag(parser)
     args = parser.parse_args(argv)
+    from .runtime.process import setup_process
+
+    setup_process()  # once per process: no first-use compile on CPU, Megatron's import notes quiet
     debug = getattr(args, "debug", False) or os.environ.get("MM1_MOE_DEBUG") == "1"
     try:
         return args.func(args)

@@ -1,16 +1,18 @@
 """Test set-up shared by every tier (unit -> distributed -> gpu_only).
 
-On a machine without a GPU, Triton kernels run in the interpreter: ``TRITON_INTERPRET`` must be
-set before any kernel module is imported, which is why it happens here, at collection time.
-``TORCHDYNAMO_DISABLE`` keeps fused paths from compiling C++ on first use (seconds per test).
+On a machine without a GPU, Triton kernels run in the interpreter: the kernels package sets
+``TRITON_INTERPRET`` when it is imported (``kernels/__init__.py``, the one place that does),
+which must happen before triton's first import (its own ``triton.language`` helpers are
+decorated then), so mm1_moe is imported here, before any test module imports Megatron (which
+imports triton). ``TORCHDYNAMO_DISABLE`` keeps fused paths from compiling C++ on first use.
 """
 
 import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import mm1_moe  # noqa: F401  (the interpreter switch, before anything imports triton)
+
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest  # noqa: E402

@@ -13,8 +13,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def decoder_transformer_config(config: Config, use_cpu_initialization: bool = False):
     """The Megatron ``TransformerConfig`` of the Llama-style decoder (pre-RMSNorm, SwiGLU,
     RoPE, no biases, no dropout: MM1 pre-trains without it). ``use_cpu_initialization`` is set
-    on CPU-only machines (gloo); see the p2p note below."""
+    on CPU-only machines (gloo), which also picks gloo's p2p settings."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ..runtime.megatron_patches import p2p_settings
 
     dec, par = config.model.decoder, config.parallel
     dtype = DTYPES[config.train.dtype]
@@ -59,11 +61,6 @@ def decoder_transformer_config(config: Config, use_cpu_initialization: bool = Fa
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
-        # gloo (CPU) matches point-to-point messages by peer and order only. At PP=2 the
-        # previous and next stage are the same rank, and the interleaved schedule's batched
-        # isend/irecv then pairs recv_prev with send_next: micro-batches 3+ got swapped
-        # activations (loss off by 1e-3 vs PP=1). Unbatched, ordered p2p (overlap_p2p_comm)
-        # is exact; NCCL keeps the batched path.
-        batch_p2p_comm=not use_cpu_initialization,
-        overlap_p2p_comm=use_cpu_initialization and par.virtual_pipeline is not None,
+        # gloo needs ordered, unbatched p2p (registry entry gloo_p2p)
+        **p2p_settings(use_cpu_initialization, par.virtual_pipeline),
     )

@@ -9,7 +9,6 @@ embedding, ``post_process`` the final norm and output layer).
 
 from __future__ import annotations
 
-import logging
 from typing import List, Optional
 
 from megatron.core.models.gpt import GPTModel
@@ -28,6 +27,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from ..config import Config
 from ..moe.layer import MoELayer
+from ..runtime.process import kernel_for
 from .attention import FlashAttnAttention, SDPAAttention, TritonAttention
 
 CORE_ATTENTION = {"local": DotProductAttention, "triton": TritonAttention,
@@ -35,23 +35,8 @@ CORE_ATTENTION = {"local": DotProductAttention, "triton": TritonAttention,
 
 
 def core_attention_class(name: str) -> type:
-    """``kernels.attention`` -> the core-attention submodule (``auto``: ours on GPUs)."""
-    if name == "auto":
-        import torch
-
-        name = "triton" if torch.cuda.is_available() else "sdpa"
-    return CORE_ATTENTION[name]
-
-
-class _HideUnknownMLPWarning(logging.Filter):
-    """Megatron's TransformerLayer logs "Unknown MLP type" for any MLP submodule it did not
-    write; ours (MoELayer) is one by design, and the warning would repeat once per MoE layer."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("Unknown MLP type")
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_HideUnknownMLPWarning())
+    """``kernels.attention`` -> the core-attention submodule (``auto``: as the runtime chose)."""
+    return CORE_ATTENTION[kernel_for("attention", name)]
 
 
 def attention_spec(config: Config, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:

@@ -23,6 +23,7 @@ from ..kernels.reference.experts import swiglu_experts_reference
 from ..kernels.reference.router import router_reference
 from ..kernels.router import RouterOutput
 from ..kernels.router import router as _router_triton
+from ..runtime.process import kernel_for
 
 __all__ = ["MoEOps", "DispatchMeta", "RouterOutput", "moe_ops"]
 
@@ -56,8 +57,7 @@ _BACKENDS = {
 
 
 def moe_ops(name: str) -> MoEOps:
-    if name == "auto":
-        name = "triton" if torch.cuda.is_available() else "torch"
+    name = kernel_for("moe", name)  # auto: as the runtime chose when it started
     if name not in _BACKENDS:
         raise ValueError(f"kernels.moe ({name!r}) must be one of {sorted(_BACKENDS)}")
     return _BACKENDS[name]

@@ -1,8 +1,8 @@
-"""Process start-up: torch.distributed + Megatron parallel_state, device choice, seeding, and
-the CPU compatibility layer for Megatron-core's CUDA-only calls."""
+"""Process start-up: torch.distributed + Megatron parallel_state, device choice, seeding, the
+registry of Megatron-core workarounds, and the once-per-process set-up."""
 
-from .cpu_compat import apply_cpu_compat, needs_cpu_compat
-from .distributed import Runtime, initialize, seed_everything, shutdown
+from .distributed import Runtime, initialize, needs_cpu_runtime, seed_everything, shutdown
+from .process import kernel_for, setup_process
 
-__all__ = ["Runtime", "apply_cpu_compat", "initialize", "needs_cpu_compat", "seed_everything",
-           "shutdown"]
+__all__ = ["Runtime", "initialize", "kernel_for", "needs_cpu_runtime", "seed_everything",
+           "setup_process", "shutdown"]

@@ -2,21 +2,23 @@
 
 Works under ``torchrun`` (single or multi node: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT come from the environment) and as a plain single process (a one-rank group whose
-rendezvous is an in-memory store: no port to pick, so no race with other processes for one). GPUs: NCCL, one device per local rank. CPU: gloo, plus the Megatron CPU
-compatibility layer (``cpu_compat.py``).
+rendezvous is an in-memory store: no port to pick, so no race with other processes for one).
+GPUs: NCCL, one device per local rank. CPU: gloo, plus the registry's ``cpu`` entries
+(``megatron_patches/``), which serve Megatron's CUDA-only calls on the CPU.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, validate_layout
-from .cpu_compat import apply_cpu_compat, needs_cpu_compat
-from .megatron_fixes import apply_megatron_fixes
+from .megatron_patches import apply_megatron_patches
+from .process import resolve_auto_kernels, setup_process
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class Runtime:
     backend: str
     data_parallel_size: int
     cpu_compat: bool
+    """True without a GPU: Megatron runs on the CPU through the registry's ``cpu`` entries."""
+    kernels: Dict[str, str]
+    """What ``kernels.<kind>: auto`` runs in this process (decided once, here)."""
 
     @property
     def is_main(self) -> bool:
@@ -55,19 +60,20 @@ def initialize(config: Config, timeout_minutes: int = 30) -> Runtime:
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     dp = validate_layout(config, world)
-    apply_megatron_fixes()
-    on_gpu = not needs_cpu_compat()
+    on_gpu = not needs_cpu_runtime()
     if not on_gpu and config.train.dtype == "bf16":
         raise ConfigError(
             "train.dtype (bf16) needs a GPU: Megatron's mixed-precision optimizer keeps CUDA "
             "tensors only. Use train.dtype=fp32 on CPU."
         )
+    setup_process()
+    apply_megatron_patches(on_cpu=not on_gpu)
+    kernels = resolve_auto_kernels(on_gpu)
     if on_gpu:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        apply_cpu_compat()
     if not dist.is_initialized():
         from datetime import timedelta
 
@@ -78,7 +84,12 @@ def initialize(config: Config, timeout_minutes: int = 30) -> Runtime:
                                 timeout=timedelta(minutes=timeout_minutes))
     _initialize_model_parallel(config)
     seed_everything(config.train.seed)
-    return Runtime(rank, world, local_rank, device, backend, dp, not on_gpu)
+    return Runtime(rank, world, local_rank, device, backend, dp, not on_gpu, kernels)
+
+
+def needs_cpu_runtime() -> bool:
+    """True when no GPU is usable, so Megatron's CUDA calls must be served by the CPU."""
+    return not torch.cuda.is_available()
 
 
 def _initialize_model_parallel(config: Config) -> None:

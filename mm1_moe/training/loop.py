@@ -211,13 +211,6 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(config.train.peak_tflops)
         self.moe_layers = [m for chunk in self.model for m in chunk.modules()
                            if isinstance(m, MoELayer)]
-        if self.moe_layers:
-            # Megatron's schedules write the aux-loss scale into a process-global tensor of its
-            # MoE layer (ours scales through MoELayer.aux_loss_scale); one left 0-d by an earlier
-            # Megatron MoELayer in this process fails their copy_ of a [1] scale. Start afresh.
-            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-            MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
     def train_step(self) -> StepLog:
         from megatron.core.pipeline_parallel import get_forward_backward_func

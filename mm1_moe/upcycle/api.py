@@ -27,7 +27,7 @@ import torch
 from ..config import Config, dump_config, validate
 from ..models.builder import build_model_chunks
 from ..models.init import fill_from_global_
-from ..runtime import initialize, needs_cpu_compat, shutdown
+from ..runtime import initialize, needs_cpu_runtime, shutdown
 from ..training.checkpoint import complete_checkpoints
 from .carry import carried_state_fn, read_dense_optimizer
 from .convert import (
@@ -194,7 +194,7 @@ def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: i
     _check_out_dir(out_dir)
     dense_cfg = dense_config(source, moe_config)
     check_same_decoder(dense_cfg.model.decoder, moe_config.model.decoder, source.path)
-    if moe_config.train.dtype != "fp32" and needs_cpu_compat():
+    if moe_config.train.dtype != "fp32" and needs_cpu_runtime():
         raise UpcycleError(f"train.dtype ({moe_config.train.dtype}) checkpoints hold the GPU-only "
                            "mixed-precision optimizer's state: upcycle on a GPU machine, or for "
                            "an fp32 run set train.dtype=fp32")

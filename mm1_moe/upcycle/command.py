@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 
 from ..config import load_config
 
@@ -44,9 +43,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    warnings.filterwarnings("ignore",
-                            message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     from .api import upcycle
 
     # UpcycleError, InteropError, ConfigError, CheckpointError: the CLI's error boundary prints

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import pytest
-import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -28,8 +27,6 @@ Result = Dict[str, List[float]]
 def _env() -> Dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONWARNINGS="ignore::UserWarning")
-    if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU
-        env.setdefault("TRITON_INTERPRET", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a baseline must not join an outer process group

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
+from mm1_moe.runtime import setup_process  # noqa: E402
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TransformerEngine).*")
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")
+setup_process()  # once per process: mm1_moe/runtime/process.py
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
-# Before anything imports torch: no C++ compile on first use of fused paths on CPU.
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-# Megatron warns at import that Apex / Transformer Engine are absent; neither is used.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TransformerEngine).*")
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")
+from mm1_moe.runtime import setup_process  # noqa: E402
+
+setup_process()  # once per process: mm1_moe/runtime/process.py
 
 import argparse  # noqa: E402
 import json  # noqa: E402
