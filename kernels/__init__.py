@@ -5,7 +5,9 @@ One op per file, each with its plain-torch reference in ``reference/``. Modules 
 ``from mm1_moe.kernels.router import router``. (Nothing is re-exported here: a function named
 like its module, ``router``/``dispatch``/``combine``, would shadow the module.)
 
+  _common.py       kernel policy: interpreter-or-GPU switch, accumulate dtype, block helpers
   attention.py     flash attention: causal/bidirectional, GQA, packed documents (+ _bwd)
+  attention_tiles.py  what the attention forward and backward kernels share (jit helpers)
   router.py        logits -> top-k ids/weights, expert counts, load-balance and z-loss terms
   dispatch.py      stable counting sort of routed slots by expert, row gather (DispatchMeta)
   combine.py       weighted sum of each token's K expert rows (the inverse of dispatch)
@@ -18,5 +20,9 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():  # before any kernel module: @triton.jit reads it at import
+# The one place the project turns the interpreter on (_common.py reads the variable). It must
+# run before triton is first imported: @triton.jit reads it when it decorates, and triton's own
+# triton.language helpers (tl.cdiv, ...) are decorated at that import; Megatron imports triton
+# too, which is why mm1_moe/__init__.py imports this package before anything else.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

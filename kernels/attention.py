@@ -1,6 +1,6 @@
 """Flash attention for both towers: causal (decoder), bidirectional (ViT) and document-masked
 (packed MM1 sequences), with grouped-query attention. Forward here; backward kernels in
-``attention_bwd.py``.
+``attention_bwd.py``; the jit and host helpers both use in ``attention_tiles.py``.
 
 Shape legend: B batch (sequences), S sequence length, Hq query heads, Hkv key/value heads
 (GROUP = Hq // Hkv query heads share one kv head: query head h reads kv head h // GROUP),
@@ -44,7 +44,6 @@ not yet run or timed on a GPU, and the GPU tile sizes below are not yet tuned.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -52,25 +51,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, next_pow2
-
-LOG2E = 1.4426950408889634  # the kernels work in log2 units: exp2 is the fast exponential
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionBlocks:
-    """Tile sizes and launch options of the three kernel families (fwd, bwd dK/dV, bwd dQ)."""
-    fwd_m: int
-    fwd_n: int
-    dkdv_m: int
-    dkdv_n: int
-    dq_m: int
-    dq_n: int
-    fwd_warps: int = 4
-    fwd_stages: int = 1
-    bwd_warps: int = 4
-    bwd_stages: int = 1
-
+from ._common import acc_dtype, check_device, kernel_dtypes, next_pow2, use_interpreter_tiles
+from .attention_bwd import attention_bwd
+from .attention_tiles import (LOG2E, AttentionBlocks, attend, bsh_strides, dense_last, doc_span,
+                              doc_tile_ranges, load_tile, tile_spans)
 
 # Interpreter: each tl op is one numpy call over a tile, so few large tiles win (64 keeps the
 # test suite's S=1025 cases at ~17 tiles per axis).
@@ -100,7 +84,7 @@ GPU_FP64_BLOCKS = AttentionBlocks(32, 32, 16, 32, 32, 16, 4, 1, 4, 1)
 
 
 def default_blocks(Dh: int, device: torch.device, dtype: torch.dtype) -> AttentionBlocks:
-    if device.type != "cuda":
+    if use_interpreter_tiles():
         return INTERPRET_BLOCKS
     if dtype == torch.float64:
         return GPU_FP64_BLOCKS
@@ -108,74 +92,6 @@ def default_blocks(Dh: int, device: torch.device, dtype: torch.dtype) -> Attenti
         return GPU_FP32_BLOCKS
     major = torch.cuda.get_device_capability(device)[0]
     return gpu_blocks(Dh, 90 if major >= 9 else 80)
-
-
-# ----------------------------------------------------------------------------- shared jit helpers
-
-
-@triton.jit
-def _tile_spans(a, lo, hi, single, B_ME: tl.constexpr, B_IT: tl.constexpr,
-                CAUSAL: tl.constexpr, ME_IS_Q: tl.constexpr):
-    """Tiles of the iterated axis (step B_IT) seen by my tile [a, a + B_ME): [lo_blk, end), of
-    which [full_lo, full_hi) need no mask. [lo, hi) is the document range of my tile (0, S
-    without documents); ``single``: my tile lies in one document, so the tiles inside [lo, hi)
-    need no document mask (else every tile is masked)."""
-    full_lo = tl.cdiv(lo, B_IT) * B_IT
-    full_hi = (hi // B_IT) * B_IT
-    if CAUSAL:
-        if ME_IS_Q:  # keys j <= i: up to my last query; unmasked up to my first
-            hi = tl.minimum(hi, a + B_ME)
-            full_hi = tl.minimum(full_hi, ((a + 1) // B_IT) * B_IT)
-        else:  # queries i >= j: from my first key; unmasked from my last
-            lo = tl.maximum(lo, a)
-            full_lo = tl.maximum(full_lo, tl.cdiv(a + B_ME - 1, B_IT) * B_IT)
-    lo_blk = (lo // B_IT) * B_IT
-    end = tl.cdiv(hi, B_IT) * B_IT
-    full_lo = tl.minimum(tl.maximum(full_lo, lo_blk), end)
-    full_hi = tl.maximum(tl.minimum(full_hi, end), full_lo)
-    full_lo = tl.where(single, full_lo, lo_blk)
-    full_hi = tl.where(single, full_hi, lo_blk)
-    return lo_blk, full_lo, full_hi, end
-
-
-@triton.jit
-def _doc_span(ranges_ptr, b, pid, S, HAS_DOCS: tl.constexpr):
-    """(lo, hi, single) of tile ``pid`` of sequence ``b`` from the host's ranges [B, nt, 3]."""
-    if HAS_DOCS:
-        base = ranges_ptr + (b * tl.num_programs(0) + pid) * 3
-        lo = tl.load(base)
-        hi = tl.load(base + 1)
-        single = tl.load(base + 2) != 0
-    else:
-        lo = S * 0  # tensors, like the loaded values, so both branches have one type
-        hi = S + 0
-        single = S >= 0
-    return lo, hi, single
-
-
-@triton.jit
-def _load_tile(ptrs, rows, S, offs_d, Dh, PAD_D: tl.constexpr, UPCAST: tl.constexpr,
-               ACC_DTYPE: tl.constexpr):
-    """A [rows, BD] tile; rows >= S and head-dim padding load as 0."""
-    if PAD_D:
-        x = tl.load(ptrs, mask=(rows[:, None] < S) & (offs_d[None, :] < Dh), other=0.0)
-    else:
-        x = tl.load(ptrs, mask=rows[:, None] < S, other=0.0)
-    if UPCAST:
-        x = x.to(ACC_DTYPE)
-    return x
-
-
-@triton.jit
-def _attend(rows_q, rows_k, S, doc_q, docs_ptr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """[len(rows_q), len(rows_k)] bool: query attends key (in range, causal, same document)."""
-    ok = (rows_k[None, :] < S) & (rows_q[:, None] < S)
-    if CAUSAL:
-        ok = ok & (rows_k[None, :] <= rows_q[:, None])
-    if HAS_DOCS:
-        doc_k = tl.load(docs_ptr + rows_k, mask=rows_k < S, other=-1)
-        ok = ok & (doc_q[:, None] == doc_k[None, :])
-    return ok
 
 
 # ----------------------------------------------------------------------------- forward kernel
@@ -190,18 +106,18 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows_m, d
     """Online softmax over the key tiles [start, stop); those outside [full_lo, full_hi) masked."""
     for start_n in range(start, stop, BN):
         rows_n = start_n + offs_n
-        k = _load_tile(k_base + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d,
-                       Dh, PAD_D, UPCAST, ACC_DTYPE)
+        k = load_tile(k_base + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d,
+                      Dh, PAD_D, UPCAST, ACC_DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC_DTYPE) * qk_scale
         if (start_n < full_lo) | (start_n >= full_hi):  # uniform per program: no divergence
-            qk = tl.where(_attend(rows_m, rows_n, S, doc_m, docs_ptr, CAUSAL, HAS_DOCS), qk,
+            qk = tl.where(attend(rows_m, rows_n, S, doc_m, docs_ptr, CAUSAL, HAS_DOCS), qk,
                           -1.0e6)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d,
-                       Dh, PAD_D, UPCAST, ACC_DTYPE)
+        v = load_tile(v_base + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d,
+                      Dh, PAD_D, UPCAST, ACC_DTYPE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -233,13 +149,13 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, docs_ptr, ranges_ptr,
     v_base = v_ptr + b.to(tl.int64) * stride_vb + hk * stride_vh
     docs_b = docs_ptr + b.to(tl.int64) * S
 
-    q = _load_tile(q_base + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d, Dh,
-                   PAD_D, UPCAST, ACC_DTYPE)
+    q = load_tile(q_base + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d, Dh,
+                  PAD_D, UPCAST, ACC_DTYPE)
     doc_m = rows_m
     if HAS_DOCS:
         doc_m = tl.load(docs_b + rows_m, mask=rows_m < S, other=-2)
-    lo, hi, single = _doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
-    lo_blk, full_lo, full_hi, end = _tile_spans(a, lo, hi, single, BM, BN, CAUSAL, True)
+    lo, hi, single = doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
+    lo_blk, full_lo, full_hi, end = tile_spans(a, lo, hi, single, BM, BN, CAUSAL, True)
 
     m_i = tl.full([BM], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BM], ACC_DTYPE)
@@ -265,42 +181,6 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, docs_ptr, ranges_ptr,
 # ----------------------------------------------------------------------------- host side
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 tests on a GPU must not silently drop to tf32; bf16/fp16 dots ignore this.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _dense_last(x: torch.Tensor) -> torch.Tensor:
-    """Any [B, S, H, Dh] strides are fine as long as Dh is contiguous."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def doc_tile_ranges(doc_ids_BS: torch.Tensor, block: int) -> torch.Tensor:
-    """ranges [B, ceil(S / block), 3] int32 for tiles of ``block`` rows: (first token of the
-    tile's first document, one past the last token of its last document, 1 if the tile lies in
-    one document). Needs non-decreasing doc ids; device ops only, no host sync."""
-    B, S = doc_ids_BS.shape
-    starts = torch.arange(0, S, block, device=doc_ids_BS.device)
-    lasts = (starts + block - 1).clamp(max=S - 1)
-    first_doc, last_doc = doc_ids_BS[:, starts], doc_ids_BS[:, lasts]
-    lo = torch.searchsorted(doc_ids_BS, first_doc, side="left")
-    hi = torch.searchsorted(doc_ids_BS, last_doc, side="right")
-    single = (first_doc == last_doc).long()
-    return torch.stack([lo, hi, single], dim=-1).to(torch.int32).contiguous()
-
-
 def check_doc_ids(doc_ids_BS: torch.Tensor, B: int, S: int) -> torch.Tensor:
     """Validate shape and dtype (host) and order (on the device, without a sync)."""
     if tuple(doc_ids_BS.shape) != (B, S) or doc_ids_BS.dtype not in (torch.int32, torch.int64):
@@ -321,21 +201,22 @@ def attention_fwd(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tens
     (input dtype, q's memory layout) and lse_BHS (fp32; fp64 for fp64 inputs)."""
     B, S, Hq, Dh = q_BSHD.shape
     Hkv = k_BSHD.shape[2]
-    q_BSHD, k_BSHD, v_BSHD = (_dense_last(t) for t in (q_BSHD, k_BSHD, v_BSHD))
+    q_BSHD, k_BSHD, v_BSHD = (dense_last(t) for t in (q_BSHD, k_BSHD, v_BSHD))
     o_BSHD = torch.empty_like(q_BSHD)
-    lse_BHS = torch.empty(B, Hq, S, dtype=_acc_dtype(q_BSHD.dtype), device=q_BSHD.device)
+    lse_BHS = torch.empty(B, Hq, S, dtype=acc_dtype(q_BSHD.dtype), device=q_BSHD.device)
     if B * S * Hq == 0:
         return o_BSHD, lse_BHS
     bm, bn = blocks.fwd_m, blocks.fwd_n
     grid = (triton.cdiv(S, bm), B * Hq)
     has_docs = doc_ids_BS is not None
     ranges = doc_tile_ranges(doc_ids_BS, bm) if has_docs else lse_BHS
+    dt = kernel_dtypes(q_BSHD.dtype)
     _attn_fwd_kernel[grid](
         q_BSHD, k_BSHD, v_BSHD, o_BSHD, lse_BHS, doc_ids_BS if has_docs else lse_BHS, ranges,
-        *_strides(q_BSHD), *_strides(k_BSHD), *_strides(v_BSHD), *_strides(o_BSHD),
+        *bsh_strides(q_BSHD), *bsh_strides(k_BSHD), *bsh_strides(v_BSHD), *bsh_strides(o_BSHD),
         S, Dh, Hq, Hq // Hkv, softmax_scale * LOG2E,
         CAUSAL=causal, HAS_DOCS=has_docs, PAD_D=next_pow2(max(Dh, 16)) != Dh,
-        UPCAST=INTERPRET, ACC_DTYPE=_tl_acc(q_BSHD.dtype), PRECISION=_precision(q_BSHD.dtype),
+        UPCAST=dt.upcast, ACC_DTYPE=dt.acc, PRECISION=dt.precision,
         BM=bm, BN=bn, BD=next_pow2(max(Dh, 16)),
         num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages)
     return o_BSHD, lse_BHS
@@ -356,9 +237,6 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_o_BSHD, grad_lse_BHS):
-        # Imported here: attention_bwd imports this module's helpers (one direction only).
-        from .attention_bwd import attention_bwd
-
         q_BSHD, k_BSHD, v_BSHD, o_BSHD, lse_BHS, doc_ids_BS = ctx.saved_tensors
         if grad_o_BSHD is None:  # only lse was used
             grad_o_BSHD = torch.zeros_like(o_BSHD)

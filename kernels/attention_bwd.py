@@ -17,7 +17,7 @@ Design notes:
 - GQA: one dK/dV program owns a key tile of one kv head and loops over the GROUP query heads
   that read it, accumulating in registers: deterministic, no float atomics, no [B, S, Hq, Dh]
   expanded dK/dV buffer.
-- Tile ranges and masks as the forward (``_tile_spans``): only the tiles of the documents and
+- Tile ranges and masks as the forward (``tile_spans``): only the tiles of the documents and
   the causal band are visited; the element mask runs on the diagonal, document-edge and
   sequence-end tiles only.
 - Masked probabilities are 0 exactly (exp2(-inf)); lse is finite for every valid query.
@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, next_pow2
-from .attention import (LOG2E, AttentionBlocks, _acc_dtype, _attend, _dense_last, _doc_span,
-                        _load_tile, _precision, _strides, _tile_spans, _tl_acc, doc_tile_ranges)
+from ._common import acc_dtype, kernel_dtypes, next_pow2
+from .attention_tiles import (LOG2E, AttentionBlocks, attend, bsh_strides, dense_last, doc_span,
+                              doc_tile_ranges, load_tile, tile_spans)
 
 # Rows per program of the delta preprocess (memory bound: one [rows, BD] tile of O and dO).
 PREPROCESS_ROWS = 64
@@ -75,8 +75,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
     come out as [BN, BD] with no transposes of the accumulators."""
     for start_m in range(start, stop, BM):
         rows_m = start_m + offs_m
-        q = _load_tile(q_base + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d,
-                       Dh, PAD_D, UPCAST, ACC_DTYPE)
+        q = load_tile(q_base + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d,
+                      Dh, PAD_D, UPCAST, ACC_DTYPE)
         # lse is saved in natural log; the kernels work in log2 units (exp2 is the fast one).
         lse2 = tl.load(lse_base + rows_m, mask=rows_m < S, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows_m, mask=rows_m < S, other=0.0)
@@ -90,8 +90,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
                 doc_m = tl.load(docs_ptr + rows_m, mask=rows_m < S, other=-2)
                 okT = okT & (doc_n[:, None] == doc_m[None, :])
             pT = tl.where(okT, pT, 0.0)
-        do = _load_tile(do_base + rows_m[:, None] * stride_dos + offs_d[None, :], rows_m, S,
-                        offs_d, Dh, PAD_D, UPCAST, ACC_DTYPE)
+        do = load_tile(do_base + rows_m[:, None] * stride_dos + offs_d[None, :], rows_m, S,
+                       offs_d, Dh, PAD_D, UPCAST, ACC_DTYPE)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(ACC_DTYPE)
         dsT = pT * (dpT - delta[None, :])
@@ -118,17 +118,17 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     docs_b = docs_ptr + b.to(tl.int64) * S
-    k = _load_tile(k_ptr + b.to(tl.int64) * stride_kb + hk * stride_kh
-                   + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d, Dh,
-                   PAD_D, UPCAST, ACC_DTYPE)
-    v = _load_tile(v_ptr + b.to(tl.int64) * stride_vb + hk * stride_vh
-                   + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d, Dh,
-                   PAD_D, UPCAST, ACC_DTYPE)
+    k = load_tile(k_ptr + b.to(tl.int64) * stride_kb + hk * stride_kh
+                  + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d, Dh,
+                  PAD_D, UPCAST, ACC_DTYPE)
+    v = load_tile(v_ptr + b.to(tl.int64) * stride_vb + hk * stride_vh
+                  + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d, Dh,
+                  PAD_D, UPCAST, ACC_DTYPE)
     doc_n = rows_n
     if HAS_DOCS:
         doc_n = tl.load(docs_b + rows_n, mask=rows_n < S, other=-3)
-    lo, hi, single = _doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
-    lo_blk, full_lo, full_hi, end = _tile_spans(a, lo, hi, single, BN, BM, CAUSAL, False)
+    lo, hi, single = doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
+    lo_blk, full_lo, full_hi, end = tile_spans(a, lo, hi, single, BN, BM, CAUSAL, False)
 
     dk = tl.zeros([BN, BD], ACC_DTYPE)
     dv = tl.zeros([BN, BD], ACC_DTYPE)
@@ -160,14 +160,14 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows
     [full_lo, full_hi) masked)."""
     for start_n in range(start, stop, BN):
         rows_n = start_n + offs_n
-        k = _load_tile(k_base + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d,
-                       Dh, PAD_D, UPCAST, ACC_DTYPE)
-        v = _load_tile(v_base + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d,
-                       Dh, PAD_D, UPCAST, ACC_DTYPE)
+        k = load_tile(k_base + rows_n[:, None] * stride_ks + offs_d[None, :], rows_n, S, offs_d,
+                      Dh, PAD_D, UPCAST, ACC_DTYPE)
+        v = load_tile(v_base + rows_n[:, None] * stride_vs + offs_d[None, :], rows_n, S, offs_d,
+                      Dh, PAD_D, UPCAST, ACC_DTYPE)
         s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC_DTYPE) * qk_scale
         p = tl.exp2(s2 - lse2[:, None])
         if (start_n < full_lo) | (start_n >= full_hi):  # uniform per program: no divergence
-            p = tl.where(_attend(rows_m, rows_n, S, doc_m, docs_ptr, CAUSAL, HAS_DOCS), p, 0.0)
+            p = tl.where(attend(rows_m, rows_n, S, doc_m, docs_ptr, CAUSAL, HAS_DOCS), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -197,20 +197,20 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     docs_b = docs_ptr + b.to(tl.int64) * S
-    q = _load_tile(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-                   + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d, Dh,
+    q = load_tile(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+                  + rows_m[:, None] * stride_qs + offs_d[None, :], rows_m, S, offs_d, Dh,
+                  PAD_D, UPCAST, ACC_DTYPE)
+    do = load_tile(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
+                   + rows_m[:, None] * stride_dos + offs_d[None, :], rows_m, S, offs_d, Dh,
                    PAD_D, UPCAST, ACC_DTYPE)
-    do = _load_tile(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
-                    + rows_m[:, None] * stride_dos + offs_d[None, :], rows_m, S, offs_d, Dh,
-                    PAD_D, UPCAST, ACC_DTYPE)
     lse2 = tl.load(lse_ptr + bh.to(tl.int64) * S + rows_m, mask=rows_m < S, other=0.0)
     lse2 = lse2 * 1.4426950408889634  # natural log -> log2 units
     delta = tl.load(delta_ptr + bh.to(tl.int64) * S + rows_m, mask=rows_m < S, other=0.0)
     doc_m = rows_m
     if HAS_DOCS:
         doc_m = tl.load(docs_b + rows_m, mask=rows_m < S, other=-2)
-    lo, hi, single = _doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
-    lo_blk, full_lo, full_hi, end = _tile_spans(a, lo, hi, single, BM, BN, CAUSAL, True)
+    lo, hi, single = doc_span(ranges_ptr, b, pid, S, HAS_DOCS)
+    lo_blk, full_lo, full_hi, end = tile_spans(a, lo, hi, single, BM, BN, CAUSAL, True)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + hk * stride_vh
 
@@ -233,23 +233,22 @@ def attention_bwd(grad_o_BSHD: torch.Tensor, grad_lse_BHS: Optional[torch.Tensor
     output gradient (and optionally the lse gradient) and the forward's saved o and lse."""
     B, S, Hq, Dh = q_BSHD.shape
     Hkv = k_BSHD.shape[2]
-    grad_o_BSHD = _dense_last(grad_o_BSHD)
+    grad_o_BSHD = dense_last(grad_o_BSHD)
     dq, dk, dv = (torch.empty_like(t) for t in (q_BSHD, k_BSHD, v_BSHD))
     if B * S * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     bd = next_pow2(max(Dh, 16))
-    acc_tl, pad_d = _tl_acc(q_BSHD.dtype), bd != Dh
-    precision = _precision(q_BSHD.dtype)
+    dt, pad_d = kernel_dtypes(q_BSHD.dtype), bd != Dh
     has_docs = doc_ids_BS is not None
     has_dlse = grad_lse_BHS is not None
-    delta_BHS = torch.empty(B, Hq, S, dtype=_acc_dtype(q_BSHD.dtype), device=q_BSHD.device)
+    delta_BHS = torch.empty(B, Hq, S, dtype=acc_dtype(q_BSHD.dtype), device=q_BSHD.device)
     _attn_bwd_preprocess_kernel[(triton.cdiv(S, PREPROCESS_ROWS), B * Hq)](
         o_BSHD, grad_o_BSHD, grad_lse_BHS.contiguous() if has_dlse else delta_BHS, delta_BHS,
-        *_strides(o_BSHD), *_strides(grad_o_BSHD), S, Dh, Hq,
-        HAS_DLSE=has_dlse, ACC_DTYPE=acc_tl, BS=PREPROCESS_ROWS, BD=bd)
+        *bsh_strides(o_BSHD), *bsh_strides(grad_o_BSHD), S, Dh, Hq,
+        HAS_DLSE=has_dlse, ACC_DTYPE=dt.acc, BS=PREPROCESS_ROWS, BD=bd)
 
-    common = dict(CAUSAL=causal, HAS_DOCS=has_docs, PAD_D=pad_d, UPCAST=INTERPRET,
-                  ACC_DTYPE=acc_tl, PRECISION=precision, BD=bd,
+    common = dict(CAUSAL=causal, HAS_DOCS=has_docs, PAD_D=pad_d, UPCAST=dt.upcast,
+                  ACC_DTYPE=dt.acc, PRECISION=dt.precision, BD=bd,
                   num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages)
     docs = doc_ids_BS if has_docs else delta_BHS
     qk_scale = softmax_scale * LOG2E
@@ -257,14 +256,15 @@ def attention_bwd(grad_o_BSHD: torch.Tensor, grad_lse_BHS: Optional[torch.Tensor
     _attn_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
         q_BSHD, k_BSHD, v_BSHD, grad_o_BSHD, lse_BHS, delta_BHS, dk, dv, docs,
         doc_tile_ranges(doc_ids_BS, bn) if has_docs else delta_BHS,
-        *_strides(q_BSHD), *_strides(k_BSHD), *_strides(v_BSHD), *_strides(grad_o_BSHD),
-        *_strides(dk), *_strides(dv), S, Dh, Hq, Hkv, Hq // Hkv, qk_scale, softmax_scale,
+        *bsh_strides(q_BSHD), *bsh_strides(k_BSHD), *bsh_strides(v_BSHD),
+        *bsh_strides(grad_o_BSHD), *bsh_strides(dk), *bsh_strides(dv),
+        S, Dh, Hq, Hkv, Hq // Hkv, qk_scale, softmax_scale,
         BM=bm, BN=bn, **common)
     bm, bn = blocks.dq_m, blocks.dq_n
     _attn_bwd_dq_kernel[(triton.cdiv(S, bm), B * Hq)](
         q_BSHD, k_BSHD, v_BSHD, grad_o_BSHD, lse_BHS, delta_BHS, dq, docs,
         doc_tile_ranges(doc_ids_BS, bm) if has_docs else delta_BHS,
-        *_strides(q_BSHD), *_strides(k_BSHD), *_strides(v_BSHD), *_strides(grad_o_BSHD),
-        *_strides(dq), S, Dh, Hq, Hq // Hkv, qk_scale, softmax_scale,
+        *bsh_strides(q_BSHD), *bsh_strides(k_BSHD), *bsh_strides(v_BSHD),
+        *bsh_strides(grad_o_BSHD), *bsh_strides(dq), S, Dh, Hq, Hq // Hkv, qk_scale, softmax_scale,
         BM=bm, BN=bn, **common)
     return dq, dk, dv

@@ -98,7 +98,7 @@ class CompileJob:
             self._results: List[object] = [_try(r) for r in requests]
             return
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_INTERPRET"] = "0"  # explicit: mm1_moe turns it on when CPU-only
+        env["TRITON_INTERPRET"] = "0"  # explicit: kernels/__init__.py turns it on when CPU-only
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's FutureWarning
         self._cache = tempfile.TemporaryDirectory()
         env["TRITON_CACHE_DIR"] = self._cache.name

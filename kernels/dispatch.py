@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, next_pow2
+from ._common import check_device, kernel_dtypes, next_pow2, use_interpreter_tiles
 
 # (rows per program, columns per program) of the row kernels; None picks the defaults below.
 Blocks = Optional[Tuple[int, int]]
@@ -135,8 +135,11 @@ def _route_scatter_kernel(ids_N, start_BE, sort_index_N, sorted_expert_ids_N, in
     tl.store(inverse_N + slot, row, mask=in_range)
 
 
-def route_blocks(n: int, e_pad: int, interpret: bool = INTERPRET) -> Tuple[int, int]:
-    """(BLOCK_N, BLOCK_B) of the metadata kernels for n slots and E padded to e_pad."""
+def route_blocks(n: int, e_pad: int, interpret: Optional[bool] = None) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_B) of the metadata kernels for n slots and E padded to e_pad; ``interpret``
+    overrides ``use_interpreter_tiles()`` (tests build the GPU tiles with False)."""
+    if interpret is None:
+        interpret = use_interpreter_tiles()
     if interpret:  # few, large programs: the interpreter pays per program
         block_n = max(1, min(next_pow2(n), (1 << 20) // e_pad))
         return block_n, next_pow2(triton.cdiv(n, block_n))
@@ -297,14 +300,10 @@ DISPATCH_FWD_DOT_BLOCKS = (16, 256)
 DISPATCH_BWD_BLOCKS = (16, 512)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _row_blocks(rows: int, D: int, blocks: Blocks, gpu: Tuple[int, int]) -> Tuple[int, int]:
     if blocks is not None:
         return blocks
-    if INTERPRET:  # one or a few programs: the interpreter pays per program
+    if use_interpreter_tiles():  # one or a few programs: the interpreter pays per program
         block_d = next_pow2(D)
         return max(1, min(next_pow2(rows), (1 << 20) // block_d)), block_d
     return gpu
@@ -342,7 +341,7 @@ def dispatch_fwd(x_TD: torch.Tensor, meta: DispatchMeta, blocks: Blocks = None,
             out_ND, N, D, meta.top_k, d_span, x_TD.stride(0), out_ND.stride(0),
             dot_ND.stride(0) if dot_ND is not None else 0,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_SCALE=scale_TK is not None,
-            HAS_DOT=dot_ND is not None, ACC_DTYPE=_acc_dtype(x_TD.dtype))
+            HAS_DOT=dot_ND is not None, ACC_DTYPE=kernel_dtypes(x_TD.dtype).acc)
     return out_ND if dot_ND is None else (out_ND, dot_TK)
 
 
@@ -365,7 +364,7 @@ def dispatch_bwd(grad_ND: torch.Tensor, meta: DispatchMeta, blocks: Blocks = Non
             grad_ND, meta.inverse_TK, weights_TK if weights_TK is not None else grad_ND, out_TD,
             T, D, meta.top_k, grad_ND.stride(0), out_TD.stride(0),
             BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, HAS_WEIGHTS=weights_TK is not None,
-            ACC_DTYPE=_acc_dtype(grad_ND.dtype))
+            ACC_DTYPE=kernel_dtypes(grad_ND.dtype).acc)
     return out_TD
 
 

@@ -40,10 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_gemm import (GemmBlocks, TileSchedule, _check_grouped, _mm_mainloop,
-                           _swizzle, _tile_rows, contiguous_routing, gather_rows_backward,
-                           grouped_mm_dw, grouped_mm_fwd, kernel_dtypes, pick_blocks,
-                           tile_schedule)
+from ._common import acc_dtype, kernel_dtypes
+from .grouped_gemm import (GemmBlocks, TileSchedule, check_grouped, contiguous_routing,
+                           gather_rows_backward, grouped_mm_dw, grouped_mm_fwd, mm_mainloop,
+                           pick_blocks, swizzle, tile_rows, tile_schedule)
 
 # fc1 holds two accumulators (gate and up), i.e. a 128x256 fp32 output tile like the best bf16
 # config of Triton's H100 matmul tutorial; 48 KiB of shared memory per stage, so 3 stages
@@ -71,9 +71,9 @@ def _swiglu_fc1_kernel(x_ptr, w1_ptr, h_ptr, gu_ptr, gather_ptr, offsets_ptr, ti
                        GROUP_M: tl.constexpr):
     """One tile of rows x F columns: gate and up accumulate side by side from the same x tile
     (read once), then h = silu(gate) * up; gate_up is stored only when the backward keeps it."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_tiles_m, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e, rows, row_ok, rows_c = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m,
-                                         BLOCK_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), num_tiles_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    e, rows, row_ok, rows_c = tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m,
+                                        BLOCK_M)
     if e < 0:
         return
     if GATHER:
@@ -129,17 +129,17 @@ def _swiglu_fc2_bwd_kernel(dy_ptr, w2_ptr, gu_ptr, dgu_ptr, h_ptr, part_ptr, sca
     then the SwiGLU backward on it: writes d_gate_up (dgu), the recomputed h, and the partial
     rowdot(h, g) of this column tile (the row-scale grad)."""
     num_tiles_n = tl.cdiv(F, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_tiles_m, num_tiles_n, GROUP_M)
-    e, rows, row_ok, rows_c = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m,
-                                         BLOCK_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), num_tiles_m, num_tiles_n, GROUP_M)
+    e, rows, row_ok, rows_c = tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m,
+                                        BLOCK_M)
     if e < 0:
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < F
     cols_c = cols % F
-    g = _mm_mainloop(dy_ptr, w2_ptr, rows_c.to(tl.int64), e, cols_c, D, stride_dm, stride_dk,
-                     stride_we, stride_wk, stride_wn, ACC_DTYPE, UPCAST, PRECISION, BLOCK_M,
-                     BLOCK_N, BLOCK_K)
+    g = mm_mainloop(dy_ptr, w2_ptr, rows_c.to(tl.int64), e, cols_c, D, stride_dm, stride_dk,
+                    stride_we, stride_wk, stride_wn, ACC_DTYPE, UPCAST, PRECISION, BLOCK_M,
+                    BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     gate_ptrs = gu_ptr + rows64 * stride_gm + cols[None, :] * stride_gn
@@ -158,8 +158,8 @@ def _swiglu_fc2_bwd_kernel(dy_ptr, w2_ptr, gu_ptr, dgu_ptr, h_ptr, part_ptr, sca
     tl.store(dgate_ptrs + F * stride_qn, (g * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
-def _fc1_blocks(x, n_rows, D, F, blocks):
-    return pick_blocks(x.device, n_rows, D, F, blocks, gpu=FC1_GPU_BLOCKS)
+def _fc1_blocks(n_rows, D, F, blocks):
+    return pick_blocks(n_rows, D, F, blocks, gpu=FC1_GPU_BLOCKS)
 
 
 def swiglu_fc1_fwd(x: torch.Tensor, w1_EDF2: torch.Tensor, offsets_E1: torch.Tensor,
@@ -169,12 +169,12 @@ def swiglu_fc1_fwd(x: torch.Tensor, w1_EDF2: torch.Tensor, offsets_E1: torch.Ten
                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(h_NF = silu(gate) * up, gate_up_NF2) with [gate | up] = x[src(n)] @ w1_EDF2[e(n)];
     each output only when asked for (None otherwise). x is x_ND, or x_TD with a gather."""
-    n_rows = _check_grouped(x, w1_EDF2, offsets_E1, gather_index_N, None)
+    n_rows = check_grouped(x, w1_EDF2, offsets_E1, gather_index_N, None)
     D, F2 = w1_EDF2.shape[1], w1_EDF2.shape[2]
     if F2 % 2:
         raise ValueError(f"w1_EDF2 last dim {F2} is not 2F ([gate | up])")
     F = F2 // 2
-    blocks = _fc1_blocks(x, n_rows, D, F, blocks)
+    blocks = _fc1_blocks(n_rows, D, F, blocks)
     if schedule is None:
         schedule = tile_schedule(offsets_E1, n_rows, blocks.block_m)
     assert schedule.block_m == blocks.block_m, "the tile schedule was built for another BLOCK_M"
@@ -182,7 +182,7 @@ def swiglu_fc1_fwd(x: torch.Tensor, w1_EDF2: torch.Tensor, offsets_E1: torch.Ten
     gu = torch.empty(n_rows, F2, device=x.device, dtype=x.dtype) if store_preact else None
     if n_rows == 0 or F == 0 or not (store_h or store_preact):
         return h, gu
-    acc_dtype, upcast, precision = kernel_dtypes(x.dtype)
+    dt = kernel_dtypes(x.dtype)
     dummy = offsets_E1
     hh = h if h is not None else dummy.view(1, -1)
     gg = gu if gu is not None else dummy.view(1, -1)
@@ -192,7 +192,7 @@ def swiglu_fc1_fwd(x: torch.Tensor, w1_EDF2: torch.Tensor, offsets_E1: torch.Ten
         x.stride(0), x.stride(1), w1_EDF2.stride(0), w1_EDF2.stride(1), w1_EDF2.stride(2),
         hh.stride(0), hh.stride(1), gg.stride(0), gg.stride(1),
         GATHER=gather_index_N is not None, STORE_H=store_h, STORE_PREACT=store_preact,
-        ACC_DTYPE=acc_dtype, UPCAST=upcast, PRECISION=precision, BLOCK_M=blocks.block_m,
+        ACC_DTYPE=dt.acc, UPCAST=dt.upcast, PRECISION=dt.precision, BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, GROUP_M=blocks.group_m,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return h, gu
@@ -205,20 +205,19 @@ def swiglu_fc2_bwd(dy_ND: torch.Tensor, w2_EFD: torch.Tensor, gate_up_NF2: torch
     """Backward through fc2 and the SwiGLU: (d_gate_up_NF2, h_NF recomputed from gate_up,
     grad_row_scale_N or None)."""
     w2_EDF = w2_EFD.transpose(1, 2)
-    n_rows = _check_grouped(dy_ND, w2_EDF, offsets_E1, None, row_scale_N)
+    n_rows = check_grouped(dy_ND, w2_EDF, offsets_E1, None, row_scale_N)
     D, F = w2_EDF.shape[1], w2_EDF.shape[2]
-    blocks = pick_blocks(dy_ND.device, n_rows, D, F, blocks, gpu=FC2_BWD_GPU_BLOCKS)
+    blocks = pick_blocks(n_rows, D, F, blocks, gpu=FC2_BWD_GPU_BLOCKS)
     if schedule is None:
         schedule = tile_schedule(offsets_E1, n_rows, blocks.block_m)
     assert schedule.block_m == blocks.block_m, "the tile schedule was built for another BLOCK_M"
     dgu = torch.empty(n_rows, 2 * F, device=dy_ND.device, dtype=gate_up_NF2.dtype)
     h = torch.empty(n_rows, F, device=dy_ND.device, dtype=gate_up_NF2.dtype)
     tiles_n = triton.cdiv(F, blocks.block_n)
-    acc_dtype, upcast, precision = kernel_dtypes(dy_ND.dtype)
+    dt = kernel_dtypes(dy_ND.dtype)
     part = None
     if row_scale_N is not None:
-        part = torch.zeros(n_rows, tiles_n, device=dy_ND.device,
-                           dtype=torch.float64 if dy_ND.dtype == torch.float64 else torch.float32)
+        part = torch.zeros(n_rows, tiles_n, device=dy_ND.device, dtype=acc_dtype(dy_ND.dtype))
     if n_rows and F:
         dummy = offsets_E1
         _swiglu_fc2_bwd_kernel[(schedule.num_tiles * tiles_n,)](
@@ -227,8 +226,8 @@ def swiglu_fc2_bwd(dy_ND: torch.Tensor, w2_EFD: torch.Tensor, gate_up_NF2: torch
             schedule.tile_row, schedule.num_tiles, D, F, dy_ND.stride(0), dy_ND.stride(1),
             w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), gate_up_NF2.stride(0),
             gate_up_NF2.stride(1), dgu.stride(0), dgu.stride(1), h.stride(0), h.stride(1),
-            HAS_SCALE=row_scale_N is not None, ACC_DTYPE=acc_dtype, UPCAST=upcast,
-            PRECISION=precision, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+            HAS_SCALE=row_scale_N is not None, ACC_DTYPE=dt.acc, UPCAST=dt.upcast,
+            PRECISION=dt.precision, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
             BLOCK_K=blocks.block_k, GROUP_M=blocks.group_m, num_warps=blocks.num_warps,
             num_stages=blocks.num_stages)
     grad_scale = part.sum(1).to(row_scale_N.dtype) if part is not None else None
@@ -242,9 +241,9 @@ class SwiGLUExpertsFunction(torch.autograd.Function):
         if w2_EFD.shape[1] * 2 != w1_EDF2.shape[2] or w2_EFD.shape[2] != w1_EDF2.shape[1]:
             raise ValueError(f"w1_EDF2 {tuple(w1_EDF2.shape)} and w2_EFD {tuple(w2_EFD.shape)} "
                              "disagree on D or F")
-        n_rows = _check_grouped(x, w1_EDF2, offsets_E1, gather_index_N, row_scale_N)
+        n_rows = check_grouped(x, w1_EDF2, offsets_E1, gather_index_N, row_scale_N)
         # Every kernel of the call shares one tile schedule: their BLOCK_M agree (128 on GPU).
-        block_m = _fc1_blocks(x, n_rows, x.shape[1], w2_EFD.shape[1], blocks).block_m
+        block_m = _fc1_blocks(n_rows, x.shape[1], w2_EFD.shape[1], blocks).block_m
         schedule = tile_schedule(offsets_E1, n_rows, block_m)
         keep = any(ctx.needs_input_grad) and not recompute_fc1
         h, gu = swiglu_fc1_fwd(x, w1_EDF2, offsets_E1, gather_index_N, store_preact=keep,

@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, next_pow2
+from ._common import (acc_dtype, check_device, kernel_dtypes, next_pow2,
+                      use_interpreter_tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +82,11 @@ def interpreter_blocks(n_rows: int, width_k: int, width_n: int) -> GemmBlocks:
                       group_m=8, num_warps=4, num_stages=1)
 
 
-def pick_blocks(device: torch.device, n_rows: int, width_k: int, width_n: int,
-                override: Optional[GemmBlocks], gpu: GemmBlocks = GPU_BLOCKS) -> GemmBlocks:
+def pick_blocks(n_rows: int, width_k: int, width_n: int, override: Optional[GemmBlocks],
+                gpu: GemmBlocks = GPU_BLOCKS) -> GemmBlocks:
     if override is not None:
         return override
-    return gpu if device.type == "cuda" else interpreter_blocks(n_rows, width_k, width_n)
-
-
-def kernel_dtypes(dtype: torch.dtype):
-    """(ACC_DTYPE, UPCAST, PRECISION) constexprs for inputs of ``dtype``."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return acc, INTERPRET, precision
+    return interpreter_blocks(n_rows, width_k, width_n) if use_interpreter_tiles() else gpu
 
 
 class TileSchedule(NamedTuple):
@@ -123,7 +117,7 @@ def tile_schedule(offsets_E1: torch.Tensor, n_rows: int, block_m: int) -> TileSc
 
 
 @triton.jit
-def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Program id -> (row tile, column tile), GROUP_M row tiles sweeping the columns together."""
     in_group = GROUP_M * num_n
     first_m = (pid // in_group) * GROUP_M
@@ -132,7 +126,7 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.constexpr):
+def tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.constexpr):
     """(expert, rows, row_ok, rows clamped into the expert) of row tile ``pid_m``; expert < 0 for
     a padding tile. Clamped rows let the main loop load without a row mask."""
     e = tl.load(tile_expert_ptr + pid_m)
@@ -144,10 +138,10 @@ def _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.co
 
 
 @triton.jit
-def _mm_mainloop(a_ptr, w_ptr, src, e, cols, I, stride_am, stride_ak, stride_we, stride_wk,
-                 stride_wn, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def mm_mainloop(a_ptr, w_ptr, src, e, cols, I, stride_am, stride_ak, stride_we, stride_wk,
+                stride_wn, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] = a[src, :] @ w[e][:, cols]; src and cols must be in bounds (the
     callers clamp them), the reduction tail is masked."""
     ks = tl.arange(0, BLOCK_K)
@@ -181,9 +175,9 @@ def _grouped_mm_kernel(a_ptr, w_ptr, c_ptr, aux_ptr, part_ptr, gather_ptr, scale
     """c[n, :] = (a[src(n)] @ w[e(n)]) * scale[n]. With ROWDOT, also part[n, pid_n] = the dot of
     the unscaled tile row with aux[src'(n), cols] (the row-scale grad in the dA pass)."""
     num_tiles_n = tl.cdiv(O, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_tiles_m, num_tiles_n, GROUP_M)
-    e, rows, row_ok, rows_c = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m,
-                                         BLOCK_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), num_tiles_m, num_tiles_n, GROUP_M)
+    e, rows, row_ok, rows_c = tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m,
+                                        BLOCK_M)
     if e < 0:
         return
     if GATHER_A:
@@ -195,9 +189,9 @@ def _grouped_mm_kernel(a_ptr, w_ptr, c_ptr, aux_ptr, part_ptr, gather_ptr, scale
     # Wrap, don't clamp: `% O` keeps the columns provably contiguous (tl.where would not), so the
     # weight loads vectorize and the main loop pipelines; wrapped columns are masked at the store.
     cols_c = cols % O
-    acc = _mm_mainloop(a_ptr, w_ptr, src, e, cols_c, I, stride_am, stride_ak, stride_we,
-                       stride_wk, stride_wn, ACC_DTYPE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                       BLOCK_K)
+    acc = mm_mainloop(a_ptr, w_ptr, src, e, cols_c, I, stride_am, stride_ak, stride_we,
+                      stride_wk, stride_wn, ACC_DTYPE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_K)
     if ROWDOT:
         if GATHER_AUX:
             xsrc = tl.load(gather_ptr + rows_c).to(tl.int64)
@@ -221,7 +215,7 @@ def _grouped_mm_dw_kernel(a_ptr, dc_ptr, dw_ptr, scale_ptr, offsets_ptr, I, O,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dw[e, i, o] = sum over expert e's rows n of a[n, i] * scale[n] * dc[n, o]."""
     e = tl.program_id(1)
-    pid_i, pid_o = _swizzle(tl.program_id(0), tl.cdiv(I, BLOCK_M), tl.cdiv(O, BLOCK_N), GROUP_M)
+    pid_i, pid_o = swizzle(tl.program_id(0), tl.cdiv(I, BLOCK_M), tl.cdiv(O, BLOCK_N), GROUP_M)
     row_start = tl.load(offsets_ptr + e)
     row_end = tl.load(offsets_ptr + e + 1)
     ii = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -280,9 +274,9 @@ def contiguous_routing(offsets_E1, gather_index_N, row_scale_N):
             row_scale_N.contiguous() if row_scale_N is not None else None)
 
 
-def _check_grouped(a: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor,
-                   gather_index_N: Optional[torch.Tensor], row_scale_N: Optional[torch.Tensor],
-                   ) -> int:
+def check_grouped(a: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor,
+                  gather_index_N: Optional[torch.Tensor], row_scale_N: Optional[torch.Tensor],
+                  ) -> int:
     """Validates shapes (not offset values: that would sync); returns N."""
     check_device(*[t for t in (a, w_EIO, offsets_E1, gather_index_N, row_scale_N)
                    if t is not None])
@@ -302,17 +296,16 @@ def _check_grouped(a: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tenso
 def _launch_mm(a, w, offsets_E1, n_rows, gather, scale, aux, gather_aux, schedule, blocks):
     """c_NO = (a[src] @ w[e]) * scale, and the per-tile row dots with aux when aux is given."""
     I, O = w.shape[1], w.shape[2]
-    blocks = pick_blocks(a.device, n_rows, I, O, blocks)
+    blocks = pick_blocks(n_rows, I, O, blocks)
     if schedule is None:
         schedule = tile_schedule(offsets_E1, n_rows, blocks.block_m)
     assert schedule.block_m == blocks.block_m, "the tile schedule was built for another BLOCK_M"
     c = torch.empty(n_rows, O, device=a.device, dtype=a.dtype)
     tiles_n = triton.cdiv(O, blocks.block_n)
-    acc_dtype, upcast, precision = kernel_dtypes(a.dtype)
+    dt = kernel_dtypes(a.dtype)
     part = None
     if aux is not None:
-        part = torch.zeros(n_rows, tiles_n, device=a.device,
-                           dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+        part = torch.zeros(n_rows, tiles_n, device=a.device, dtype=acc_dtype(a.dtype))
     if n_rows == 0 or O == 0:
         return c, part
     dummy = offsets_E1  # any tensor for an unused pointer argument
@@ -325,8 +318,8 @@ def _launch_mm(a, w, offsets_E1, n_rows, gather, scale, aux, gather_aux, schedul
         w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         x.stride(0) if aux is not None else 0, x.stride(1) if aux is not None else 0,
         GATHER_A=gather is not dummy and not gather_aux, GATHER_AUX=gather_aux,
-        HAS_SCALE=scale is not None, ROWDOT=aux is not None, ACC_DTYPE=acc_dtype,
-        UPCAST=upcast, PRECISION=precision, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        HAS_SCALE=scale is not None, ROWDOT=aux is not None, ACC_DTYPE=dt.acc,
+        UPCAST=dt.upcast, PRECISION=dt.precision, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k, GROUP_M=blocks.group_m, num_warps=blocks.num_warps,
         num_stages=blocks.num_stages)
     return c, part
@@ -339,7 +332,7 @@ def grouped_mm_fwd(a: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tenso
                    blocks: Optional[GemmBlocks] = None) -> torch.Tensor:
     """c_NO[n] = a[src(n)] @ w_EIO[e(n)] (* row_scale_N[n]); a is a_NI, or a_TI with
     ``gather_index_N``. w_EIO may be any strided view (a transposed one gives dA)."""
-    n_rows = _check_grouped(a, w_EIO, offsets_E1, gather_index_N, row_scale_N)
+    n_rows = check_grouped(a, w_EIO, offsets_E1, gather_index_N, row_scale_N)
     c, _ = _launch_mm(a, w_EIO, offsets_E1, n_rows, gather_index_N, row_scale_N, None, False,
                       schedule, blocks)
     return c
@@ -355,7 +348,7 @@ def grouped_mm_da(dc_NO: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Te
     per token. grad_row_scale_N = rowdot(a_fwd[src(n)], dc_NO[n] @ w[e]^T) needs ``a_fwd``
     (the forward input, gathered by ``gather_index_N``); None without a row scale."""
     w_EOI = w_EIO.transpose(1, 2)
-    n_rows = _check_grouped(dc_NO, w_EOI, offsets_E1, None, row_scale_N)
+    n_rows = check_grouped(dc_NO, w_EOI, offsets_E1, None, row_scale_N)
     aux = a_fwd if row_scale_N is not None else None  # no row scale: nothing to differentiate
     da, part = _launch_mm(dc_NO, w_EOI, offsets_E1, n_rows, gather_index_N, row_scale_N, aux,
                           gather_index_N is not None, schedule, blocks)
@@ -385,20 +378,20 @@ def grouped_mm_dw(a: torch.Tensor, dc_NO: torch.Tensor, offsets_E1: torch.Tensor
             raise ValueError(f"gather_index_N has {gather_index_N.numel()} rows, dc_NO {n_rows}")
         a = a.index_select(0, gather_index_N.long())
     if blocks is None:
-        blocks = (GPU_DW_BLOCKS if a.device.type == "cuda" else
-                  GemmBlocks(min(128, max(16, next_pow2(I))), min(128, max(16, next_pow2(O))),
-                             min(64, max(16, next_pow2(n_rows))), num_warps=4, num_stages=1))
+        blocks = (GemmBlocks(min(128, max(16, next_pow2(I))), min(128, max(16, next_pow2(O))),
+                             min(64, max(16, next_pow2(n_rows))), num_warps=4, num_stages=1)
+                  if use_interpreter_tiles() else GPU_DW_BLOCKS)
     dw = torch.empty(E, I, O, device=a.device, dtype=a.dtype)
     if dw.numel() == 0:
         return dw
-    acc_dtype, upcast, precision = kernel_dtypes(a.dtype)
+    dt = kernel_dtypes(a.dtype)
     dummy = offsets_E1
     grid = (triton.cdiv(I, blocks.block_m) * triton.cdiv(O, blocks.block_n), E)
     _grouped_mm_dw_kernel[grid](
         a, dc_NO, dw, row_scale_N if row_scale_N is not None else dummy, offsets_E1, I, O,
         a.stride(0), a.stride(1), dc_NO.stride(0), dc_NO.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2), HAS_SCALE=row_scale_N is not None,
-        ACC_DTYPE=acc_dtype, UPCAST=upcast, PRECISION=precision, BLOCK_M=blocks.block_m,
+        ACC_DTYPE=dt.acc, UPCAST=dt.upcast, PRECISION=dt.precision, BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, GROUP_M=blocks.group_m,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return dw
@@ -418,22 +411,22 @@ def gather_rows_backward(g_NC: torch.Tensor, gather_index_N: torch.Tensor,
     out = torch.empty(num_tokens, C, device=g_NC.device, dtype=g_NC.dtype)
     if out.numel() == 0:
         return out
-    if g_NC.device.type == "cuda":
-        block_t, block_c = GPU_GATHER_BWD_BLOCK
-    else:
+    if use_interpreter_tiles():
         block_t, block_c = min(64, next_pow2(num_tokens)), min(256, next_pow2(C))
-    acc_dtype = tl.float64 if g_NC.dtype == torch.float64 else tl.float32
+    else:
+        block_t, block_c = GPU_GATHER_BWD_BLOCK
     _gather_bwd_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(C, block_c))](
         g_NC, out, perm_N, seg_T1, num_tokens, C, g_NC.stride(0), g_NC.stride(1), out.stride(0),
-        out.stride(1), ACC_DTYPE=acc_dtype, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+        out.stride(1), ACC_DTYPE=kernel_dtypes(g_NC.dtype).acc, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=4)
     return out
 
 
 class GroupedMMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, w_EIO, offsets_E1, gather_index_N, row_scale_N, blocks):
-        n_rows = _check_grouped(a, w_EIO, offsets_E1, gather_index_N, row_scale_N)
-        b = pick_blocks(a.device, n_rows, w_EIO.shape[1], w_EIO.shape[2], blocks)
+        n_rows = check_grouped(a, w_EIO, offsets_E1, gather_index_N, row_scale_N)
+        b = pick_blocks(n_rows, w_EIO.shape[1], w_EIO.shape[2], blocks)
         schedule = tile_schedule(offsets_E1, n_rows, b.block_m)
         c = grouped_mm_fwd(a, w_EIO, offsets_E1, gather_index_N, row_scale_N,
                            schedule=schedule, blocks=blocks)
@@ -448,8 +441,8 @@ class GroupedMMFunction(torch.autograd.Function):
         da = dw = ds = None
         if need_a or need_s:
             # The dA pass uses the same row tiles; its blocks default from (N, O, I).
-            blocks = ctx.blocks or pick_blocks(a.device, dc_NO.shape[0], w_EIO.shape[2],
-                                               w_EIO.shape[1], None)
+            blocks = ctx.blocks or pick_blocks(dc_NO.shape[0], w_EIO.shape[2], w_EIO.shape[1],
+                                               None)
             schedule = ctx.schedule if blocks.block_m == ctx.schedule.block_m else None
             da, ds = grouped_mm_da(dc_NO, w_EIO, offsets_E1, row_scale_N,
                                    a if need_s else None, gather_index_N, schedule=schedule,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, next_pow2
+from ._common import acc_dtype, check_device, kernel_dtypes, next_pow2, use_interpreter_tiles
 from .reference.router import ORDERS
 
 # GPU tile: about 2048 logits per program (16 per thread at 4 warps), e.g. 32 tokens at E=64,
@@ -193,14 +193,6 @@ def _router_bwd_kernel(logits_ptr, mask_ptr, lse_ptr, ids_ptr, weights_ptr, grad
 # ----------------------------------------------------------------------------- host side
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def gpu_block_t(E: int) -> int:
     """Tokens per program on a GPU (also what the compile test builds)."""
     return max(1, min(GPU_MAX_BLOCK_T, GPU_TILE_ELEMENTS // next_pow2(E)))
@@ -209,7 +201,7 @@ def gpu_block_t(E: int) -> int:
 def _block_t(T: int, E: int, block_t: Optional[int]) -> int:
     if block_t is not None:
         return next_pow2(block_t)
-    if INTERPRET:
+    if use_interpreter_tiles():
         return max(1, min(next_pow2(T), INTERPRET_TILE_ELEMENTS // next_pow2(E)))
     return gpu_block_t(E)
 
@@ -228,7 +220,7 @@ def router_fwd(logits_TE: torch.Tensor, k: int, order: str = "softmax_topk",
     T, E = logits_TE.shape
     device = check_device(logits_TE) if token_mask_T is None else check_device(logits_TE,
                                                                                token_mask_T)
-    acc = _acc_dtype(logits_TE.dtype)
+    acc = acc_dtype(logits_TE.dtype)
     logits_TE = logits_TE.contiguous()
     block_e = next_pow2(E)
     bt = _block_t(T, E, block_t)
@@ -248,7 +240,7 @@ def router_fwd(logits_TE: torch.Tensor, k: int, order: str = "softmax_topk",
             logits_TE, _mask_arg(token_mask_T, kept_part), weights_TK, ids_TK, lse_T,
             counts_part, stat_part, psum_part, zsum_part, kept_part, T, E,
             K=k, TOPK_SOFTMAX=order == "topk_softmax", NORMALIZE=normalize,
-            HAS_MASK=token_mask_T is not None, ACC_DTYPE=_tl_dtype(logits_TE.dtype),
+            HAS_MASK=token_mask_T is not None, ACC_DTYPE=kernel_dtypes(logits_TE.dtype).acc,
             BLOCK_T=bt, BLOCK_E=block_e, BLOCK_K=next_pow2(k), num_warps=NUM_WARPS)
     counts_E = counts_part.sum(0, dtype=torch.int32)
     stat_counts_E = stat_part.sum(0, dtype=torch.int32)
@@ -269,7 +261,7 @@ def router_bwd(logits_TE: torch.Tensor, token_mask_T: Optional[torch.Tensor], ls
     T, E = logits_TE.shape
     k = ids_TK.shape[1]
     check_device(logits_TE)
-    acc = _acc_dtype(logits_TE.dtype)
+    acc = acc_dtype(logits_TE.dtype)
     logits_TE = logits_TE.contiguous()
     grad_logits_TE = torch.empty_like(logits_TE)
     if T == 0:
@@ -285,7 +277,7 @@ def router_bwd(logits_TE: torch.Tensor, token_mask_T: Optional[torch.Tensor], ls
         weights_TK.contiguous(), grad_weights_TK.contiguous(), aux_coef_E.contiguous(), z_coef,
         grad_logits_TE, T, E,
         K=k, TOPK_SOFTMAX=order == "topk_softmax", NORMALIZE=normalize,
-        HAS_MASK=token_mask_T is not None, ACC_DTYPE=_tl_dtype(logits_TE.dtype),
+        HAS_MASK=token_mask_T is not None, ACC_DTYPE=kernel_dtypes(logits_TE.dtype).acc,
         BLOCK_T=bt, BLOCK_E=block_e, num_warps=NUM_WARPS)
     return grad_logits_TE
 

@@ -3,7 +3,7 @@ with explicit causal / block-diagonal masks (``kernels/reference/attention.py``)
 dQ, dK, dV; fp64 gradcheck; tile skipping; the sm90/sm80 compile; the GPU ratio rule.
 
 Shape legend: B batch, S sequence, Hq / Hkv query / kv heads, Dh head dim.
-On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET).
+On CPU the kernels run in the Triton interpreter (kernels/__init__.py sets TRITON_INTERPRET).
 """
 
 import os

@@ -7,7 +7,7 @@ Shape legend: T tokens, D model width, F expert FFN width, E experts, K top-k, N
 Tolerances (fp32): outputs and grads rtol 1e-5 / atol 1e-5 on O(1) values (inputs randn, weights
 randn / sqrt(fan-in)): kernel and torch sum the same <= 130 fp32 products per element in a
 different order, a few ulps apart. Index outputs (the tile schedule) are compared exactly.
-On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET).
+On CPU the kernels run in the Triton interpreter (kernels/__init__.py sets TRITON_INTERPRET).
 """
 
 
