@@ -1,10 +1,12 @@
 """Checkpoints that survive failures, on Megatron's ``dist_checkpointing``.
 
 Layout: ``<root>/step_00000100/`` holds a distributed checkpoint (model chunks and optimizer
-as sharded tensors, so it reshards: a TP2/PP2/EP2 checkpoint loads into TP1/PP1/EP1 and back)
-plus ``complete.json``. A checkpoint is written to ``step_00000100.tmp`` and renamed only once
-every rank has finished and rank 0 has written ``complete.json``: a crash mid-save leaves a
-``.tmp`` folder that resume ignores, never a checkpoint that loads half.
+as sharded tensors, so it reshards: a TP2/PP2/EP2 checkpoint loads into TP1/PP1/EP1 and back,
+and Adam's state moves between the distributed optimizer and the plain one either way:
+``optimizer_state.py``) plus ``complete.json``. A checkpoint is written to
+``step_00000100.tmp`` and renamed only once every rank has finished and rank 0 has written
+``complete.json``: a crash mid-save leaves a ``.tmp`` folder that resume ignores, never a
+checkpoint that loads half.
 
 Saved: model and optimizer (``dist_checkpointing``: tensors, plus Megatron's ``common.pt``);
 step, LR scheduler and data position (``data_state``) in ``complete.json``; each rank's RNG
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from ..models.init import model_sharded_state_dict
 from ..runtime.threads import serial_collectives
 from . import rng_state
+from .optimizer_state import as_loading_format, redirect_missing_tensors
 from .safe_load import CheckpointError, failure_cause, restricted_unpickling
 
 __all__ = ["CheckpointError", "COMPLETE", "complete_checkpoints", "load_checkpoint",
@@ -83,8 +86,10 @@ def _sharded_state(model_chunks, optimizer, loading: bool) -> Dict[str, Any]:
     state: Dict[str, Any] = {f"model{i}": model_sharded_state_dict(chunk.module)
                              for i, chunk in enumerate(model_chunks)}
     # fully_reshardable: the distributed optimizer's state is saved in model space (gathered
-    # per parameter), so it reloads under any TP/PP/DP layout; 0.16.1's default format relies
-    # on flattened ranges that its own dist_checkpointing no longer accepts.
+    # per parameter), so it reloads under any TP/PP/EP/DP layout and into the plain optimizer
+    # (the same tensor names); 0.16.1's default format relies on flattened ranges that its own
+    # dist_checkpointing no longer accepts. Loading it back with torch's Adam needs the
+    # registry's distopt_adam_step.
     # On CPU the gather must go through gloo (the "mem_efficient" variant; its default path
     # moves each buffer to CUDA with Tensor.cuda()).
     metadata = {"distrib_optim_sharding_type": "fully_reshardable",
@@ -129,22 +134,6 @@ def save_checkpoint(root: str, step: int, model_chunks, optimizer, scheduler,
         os.replace(tmp, final)
     _barrier()
     return final
-
-
-def _refuse_distributed_optimizer(optimizer, path: str) -> None:
-    """megatron-core 0.16.1 cannot load a DistributedOptimizer checkpoint back without Apex or
-    Transformer Engine: torch's Adam keeps a per-parameter ``step`` that its reshardable loader
-    does not carry (KeyError 'step'), and a fresh optimizer has no ``step`` for its state_dict
-    assertion. Saving works; loading is refused here, before anything is modified."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    if any(isinstance(inner, DistributedOptimizer)
-           for inner in getattr(optimizer, "chained_optimizers", [optimizer])):
-        raise NotImplementedError(
-            f"cannot load {path} with train.distributed_optimizer=true: megatron-core 0.16.1 "
-            "reloads DistributedOptimizer state only with Apex or Transformer Engine. Resume "
-            "with train.distributed_optimizer=false (the checkpoint reshards), or keep the "
-            "run's optimizer off the distributed path.")
 
 
 def _agree(error: Optional[str]) -> None:
@@ -193,15 +182,18 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, 
 
     meta = read_meta(path)
     same_layout = meta.get("layout") == _layout()
-    _refuse_distributed_optimizer(optimizer, path)
     rng = _read_rng(path, meta) if same_layout else None  # set only once all else loaded
     sharded = _sharded_state(model_chunks, optimizer, loading=True)
     with serial_collectives(), restricted_unpickling(path):
+        # a checkpoint of the other optimizer kind names the main parameters differently
+        redirect_missing_tensors(sharded["optimizer"],
+                                 dist_checkpointing.load_tensors_metadata(path))
         loaded = dist_checkpointing.load(sharded, path)
     state = _train_state(meta, loaded, path)
     for i, chunk in enumerate(model_chunks):
         chunk.module.load_state_dict(loaded[f"model{i}"], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
+    optimizer.load_state_dict(as_loading_format(optimizer, sharded["optimizer"],
+                                                loaded["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if rng is not None:
         rng_state.restore(rng)

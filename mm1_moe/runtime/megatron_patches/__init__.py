@@ -21,7 +21,7 @@ from importlib import metadata
 from typing import Dict, List, Tuple
 
 from . import (aux_loss_scale, cpu_clip_grads, cpu_rng_state, cpu_tensor_type, cpu_torch_proxy,
-               gloo_p2p, import_warnings, te_unbound_names, unknown_mlp_log)
+               distopt_adam_step, gloo_p2p, import_warnings, te_unbound_names, unknown_mlp_log)
 from .gloo_p2p import p2p_settings
 from .record import Patch, Revert
 
@@ -38,6 +38,7 @@ REGISTRY: Tuple[Patch, ...] = (
     cpu_clip_grads.PATCH,
     cpu_tensor_type.PATCH,
     gloo_p2p.PATCH,
+    distopt_adam_step.PATCH,
 )
 BY_NAME: Dict[str, Patch] = {p.name: p for p in REGISTRY}
 
