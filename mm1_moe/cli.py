@@ -261,12 +261,13 @@ def report_error(command: str, err: BaseException) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. Expected errors print one line and exit 2 on every rank; ``--debug``
     (or ``MM1_MOE_DEBUG=1``) lets them raise with their traceback."""
+    from .runtime.process import setup_process
+
+    # once per process, first: building the parser imports the upcycle command, hence Megatron
+    setup_process()
     parser = build_parser()
     _add_debug_flag(parser)
     args = parser.parse_args(argv)
-    from .runtime.process import setup_process
-
-    setup_process()  # once per process: no first-use compile on CPU, Megatron's import notes quiet
     debug = getattr(args, "debug", False) or os.environ.get("MM1_MOE_DEBUG") == "1"
     try:
         return args.func(args)

@@ -32,3 +32,14 @@ def test_a_command_prints_no_megatron_import_notes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Apex" not in done.stderr and "Transformer Engine" not in done.stderr
     assert "still shown" in done.stderr
+
+
+def test_the_cli_sets_up_before_anything_imports_megatron(configs_dir, tmp_path):
+    """The parser imports the upcycle command (hence Megatron): set-up must come first."""
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "mm1_moe.cli", "info", "--config",
+                           os.path.join(configs_dir, "tiny-moe.yaml")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Apex" not in done.stderr and "Transformer Engine" not in done.stderr, done.stderr
