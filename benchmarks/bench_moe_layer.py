@@ -1,10 +1,13 @@
 """One MoE layer (route -> dispatch -> experts -> combine) forward + backward at a config's shapes:
 ours against Megatron-core's ``MoELayer`` and a plain-torch reference, in the same process.
 
-  experts  the MoE FFN alone: ours (``mm1_moe.moe.MoELayer``, Triton kernels), ``torch_reference``
-           (the same layer on the plain-torch reference ops: a loop of matmuls over experts) and
-           ``megatron`` (Megatron-core's MoELayer: alltoall dispatcher, TEGroupedMLP or GroupedMLP
-           when Transformer Engine / grouped_gemm are installed, else SequentialMLP).
+  experts  the MoE FFN alone: ours (``mm1_moe.moe.MoELayer``, Triton kernels), ``ours_unfused``
+           (the same at EP=1 with dispatch copying rows out and a weighted combine, instead of
+           the experts gathering token rows and scaling them: the fused path's baseline; see
+           ``gather_fusion_bytes``), ``torch_reference`` (the same layer on the plain-torch
+           reference ops: a loop of matmuls over experts) and ``megatron`` (Megatron-core's
+           MoELayer: alltoall dispatcher, TEGroupedMLP or GroupedMLP when Transformer Engine /
+           grouped_gemm are installed, else SequentialMLP).
   layer    a whole decoder layer (RMSNorm, attention with RoPE, RMSNorm, MoE FFN): ours (Triton
            attention + our MoE) against Megatron's MoELayer with torch SDPA attention.
   step     a training step of a shrunk MM1 with images (``bench_step.py``).
@@ -49,7 +52,7 @@ from moe_setup import (DEFAULT_CONFIG, attention_block_flops, balance, build_moe
                        peer_ratios, rates)
 
 SMOKE_TOKENS = 64
-IMPLS = ("ours", "torch_reference", "megatron")
+IMPLS = ("ours", "ours_unfused", "torch_reference", "megatron")
 
 
 # ----------------------------------------------------------------------------- experts
@@ -90,8 +93,11 @@ def bench_experts(config_path: str = DEFAULT_CONFIG, tokens: int = 16384, ep: in
 
 def _runnable(impls: Tuple[str, ...]) -> Tuple[str, ...]:
     """Megatron's alltoall dispatcher hands its split sizes to all_to_all_single as tensors,
-    which gloo refuses: at EP > 1 it runs on GPUs (NCCL) only."""
+    which gloo refuses: at EP > 1 it runs on GPUs (NCCL) only. ``ours_unfused`` differs from
+    ``ours`` at EP = 1 only (EP > 1 always copies rows for the all-to-all)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        impls = tuple(i for i in impls if i != "ours_unfused")
     if harness.on_gpu() or world == 1 or "megatron" not in impls:
         return impls
     if is_main():
@@ -125,6 +131,68 @@ def _progress(row: Dict[str, object]) -> None:
     if is_main():
         print(f"  {row['bench']} {row['config']} T={row['tokens']} {row['routing']:8s} "
               f"{row['impl']:16s} {row['fwd_bwd_ms']:.3f} ms fwd+bwd", flush=True)
+
+
+# ----------------------------------------------------------------------------- fused gather
+def gather_fusion_bytes(T: int, D: int, F: int, K: int, itemsize: int) -> Dict[str, float]:
+    """Bytes of memory traffic one forward + backward of one MoE layer moves less with the fused
+    EP=1 path (``ours``: the experts read x_TD through the sort, the routing weight scales their
+    output rows, combine sums unweighted) than with the copying one (``ours_unfused``), for
+    N = T*K routed rows (dropless):
+
+      forward   dispatch's read of N token rows and its write of x_ND, 2*N*D*itemsize (fc1 reads
+                the same N rows either way: from x_ND, or from x_TD through the gather index);
+      backward  combine's read of y_ND for the routing-weight gradient, N*D*itemsize (the fused
+                path takes it as rowdot(h, dy @ w2^T) in the fc2-backward epilogue, where both
+                already are). The backward's write of dx_ND and its per-token sum stay
+                (``gather_rows_backward`` in place of dispatch's backward), as does combine's
+                backward write of dy_ND: each way saves a read, only the forward also a write;
+      overhead  the fc2 backward's row-scale partials: N x ceil(F / BLOCK_N) fp32, written and
+                read (plus index and weight traffic of a few times N*4 bytes, left out here).
+
+    Memory: x_ND [N, D] is no longer saved for the experts' backward (x_TD is, which the
+    router's backward keeps anyway), and the unweighted combine keeps no y_ND for a weight
+    gradient: 2*N*D*itemsize less activation memory per layer.
+    mm1-7b-moe, T=4096, D=4096, F=12288, K=2, bf16 (N=8192, N*D*2 bytes = 64 MiB): forward
+    128 MiB, backward 64 MiB, overhead 6 MiB, net 186 MiB per layer per forward + backward,
+    about 65 us at the H100's ~3.0 TB/s copy rate (DESIGN.md). The layer's expert GEMMs are
+    18*N*D*F = 7.4 TFLOP, ~9.4 ms at 790 TFLOP/s: the traffic saved is under 1% of the layer's
+    time; the 128 MiB of activations per layer per micro-batch is the larger gain. Not measured on
+    a GPU yet: the ``ours`` / ``ours_unfused`` rows are that measurement."""
+    from mm1_moe.kernels.experts import FC2_BWD_GPU_BLOCKS
+
+    rows = T * K * D * itemsize
+    partials = 2 * T * K * -(-F // FC2_BWD_GPU_BLOCKS.block_n) * 4
+    return {"forward": 2.0 * rows, "backward": 1.0 * rows, "overhead": float(partials),
+            "net": 3.0 * rows - partials, "activations": 2.0 * rows}
+
+
+def fusion_report(rows: List[Dict[str, object]], ceil, smoke: bool) -> List[str]:
+    """One line per (config, tokens, routing) with both ``ours`` and ``ours_unfused`` rows: the
+    measured forward and forward + backward times and the bytes the model says are saved."""
+    out = []
+    for row in rows:
+        if row["impl"] != "ours":
+            continue
+        key = (row["bench"], row["config"], row["tokens"], row["routing"])
+        base = [r for r in rows if r["impl"] == "ours_unfused" and
+                (r["bench"], r["config"], r["tokens"], r["routing"]) == key]
+        if not base:
+            continue
+        b = base[0]
+        itemsize = getattr(torch, str(row["dtype"])).itemsize
+        saved = gather_fusion_bytes(row["tokens"], row["D"], row["F"], row["K"], itemsize)
+        mib = {k: v / 2**20 for k, v in saved.items()}
+        out.append(
+            f"fused gather vs copy dispatch, {row['config']} T={row['tokens']} {row['routing']}: "
+            f"fwd {row['fwd_ms']:.3f} vs {b['fwd_ms']:.3f} ms ({b['fwd_ms'] / row['fwd_ms']:.2f}x),"
+            f" fwd+bwd {row['fwd_bwd_ms']:.3f} vs {b['fwd_bwd_ms']:.3f} ms "
+            f"({b['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x); model: -{mib['forward']:.4g} MiB fwd, "
+            f"-{mib['backward']:.4g} MiB bwd, +{mib['overhead']:.4g} MiB partials = "
+            f"{mib['net']:.4g} MiB net ({saved['net'] / (ceil.copy_gbps * 1e9) * 1e6:.3g} us at "
+            f"the measured copy rate), -{mib['activations']:.4g} MiB activations"
+            + ("  (smoke: CPU interpreter, not a performance figure)" if smoke else ""))
+    return out
 
 
 # ----------------------------------------------------------------------------- layer
@@ -289,7 +357,7 @@ def _run(args) -> int:
 
 def _report(rows, ceil, smoke: bool, args) -> None:
     harness.print_table(rows, COLUMNS)
-    for line in targets(rows, smoke):
+    for line in fusion_report(rows, ceil, smoke) + targets(rows, smoke):
         print(line)
     harness.save_results("moe_layer", rows, args, smoke, ceil)
 

@@ -101,7 +101,9 @@ def megatron_moe_spec(num_experts: int):
 
 def build_moe(impl: str, config, tc, device: torch.device):
     """One MoE FFN module: ``ours`` / ``torch_reference`` (our MoELayer on the Triton kernels /
-    the plain-torch reference ops) or ``megatron`` (Megatron-core's MoELayer)."""
+    the plain-torch reference ops), ``ours_unfused`` (ours with the row-copying dispatch and the
+    weighted combine at EP=1, the fused gather path's baseline) or ``megatron`` (Megatron-core's
+    MoELayer)."""
     from megatron.core.transformer.spec_utils import build_module
 
     from mm1_moe.moe import MoELayer
@@ -112,15 +114,17 @@ def build_moe(impl: str, config, tc, device: torch.device):
                              config=megatron_moe_config(tc, dec.moe))
     else:
         with torch.device(device):
-            layer = MoELayer(tc, dec.moe, kernels="triton" if impl == "ours" else "torch",
-                             ffn_hidden_size=dec.moe.expert_ffn_hidden_size or dec.ffn_hidden_size)
+            kernels = "torch" if impl == "torch_reference" else "triton"
+            layer = MoELayer(tc, dec.moe, kernels=kernels,
+                             ffn_hidden_size=dec.moe.expert_ffn_hidden_size or dec.ffn_hidden_size,
+                             fuse_dispatch=impl != "ours_unfused")
     return layer.to(device)
 
 
 def experts_impl_name(impl: str, layer) -> str:
     if impl == "megatron":
         return type(layer.experts).__name__
-    return "triton" if impl == "ours" else "torch"
+    return "torch" if impl == "torch_reference" else "triton"
 
 
 # ----------------------------------------------------------------------------- routing

@@ -22,7 +22,8 @@ FLOPs per token (Megatron / Narayanan et al. 2021 counting, one multiply-add = 2
   ``max_images_per_sequence`` images per ``seq_length`` tokens (x3 for training unless frozen).
 
 Memory per GPU (bytes), Megatron-core with the distributed optimizer:
-  weights 2 per param (4 when train.dtype is fp32); grads 4 (fp32 grad buffer); optimizer 12
+  weights 2 per param (4 when train.dtype is fp32); grads 4 (fp32 grad buffer; 2 in bf16 with
+  train.grad_reduce_in_fp32 off); optimizer 12
   (fp32 master + Adam m, v; 8 for fp32 training, which has no master copy) divided by dp for dense
   params and by the expert-data-parallel size dp*tp/(ep*etp) (at least 1) for expert params.
   Dense params are split by tp, experts by ep*etp (etp defaults to tp). Layers are split evenly
@@ -266,6 +267,7 @@ def memory_per_gpu(config: Config, tp: Optional[int] = None, pp: Optional[int] =
     lay = resolve_layout(config, tp, pp, ep, dp, world_size)
     tp, pp, dp, edp = lay["tp"], lay["pp"], lay["dp"], lay["edp"]
     w_bytes, o_bytes = (4, 8) if config.train.dtype == "fp32" else (2, 12)
+    g_bytes = 2 if config.train.dtype == "bf16" and not config.train.grad_reduce_in_fp32 else 4
     layer_act, vis_act = _activations(config, tp, lay["sequence_parallel"])
     n = config.model.decoder.num_layers
     per = n // pp
@@ -277,7 +279,7 @@ def memory_per_gpu(config: Config, tp: Optional[int] = None, pp: Optional[int] =
         sh = _stage_shard(config, layers, first, last, tp, lay["ep"] * lay["etp"])
         mems.append(MemoryBreakdown(
             weights=int(sum(sh.values()) * w_bytes),
-            grads=int((sh["dense_train"] + sh["expert_train"]) * 4),
+            grads=int((sh["dense_train"] + sh["expert_train"]) * g_bytes),
             optimizer=int(o_bytes * (sh["dense_train"] / dp + sh["expert_train"] / edp)),
             activations=int(layer_act * len(layers) * in_flight),
             vision_activations=int(vis_act * in_flight) if first else 0,

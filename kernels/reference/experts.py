@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def grouped_mm_reference(a: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor,
@@ -42,12 +43,20 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
 def swiglu_experts_reference(x: torch.Tensor, w1_EDF2: torch.Tensor, w2_EFD: torch.Tensor,
                              offsets_E1: torch.Tensor,
                              gather_index_N: Optional[torch.Tensor] = None,
-                             row_scale_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             row_scale_N: Optional[torch.Tensor] = None, *,
+                             recompute_fc1: bool = False) -> torch.Tensor:
     """y_ND = (silu(x w1_gate) * (x w1_up)) @ w2 per expert (* row_scale_N); x is x_ND, or x_TD
-    with ``gather_index_N``. w1_EDF2 holds [gate | up] along its last dim."""
-    gate_up_NF2 = grouped_mm_reference(x, w1_EDF2, offsets_E1, gather_index_N)
-    return grouped_mm_reference(swiglu_reference(gate_up_NF2), w2_EFD, offsets_E1,
-                                row_scale_N=row_scale_N)
+    with ``gather_index_N``. w1_EDF2 holds [gate | up] along its last dim. ``recompute_fc1``
+    (as the Triton op's) keeps no fc1 intermediates: fc1 and the SwiGLU rerun in the backward
+    (torch.utils.checkpoint; h_NF is still saved, as fc2's input)."""
+    def fc1_swiglu(x, w1_EDF2):
+        return swiglu_reference(grouped_mm_reference(x, w1_EDF2, offsets_E1, gather_index_N))
+
+    if recompute_fc1 and torch.is_grad_enabled():
+        h_NF = torch.utils.checkpoint.checkpoint(fc1_swiglu, x, w1_EDF2, use_reentrant=False)
+    else:
+        h_NF = fc1_swiglu(x, w1_EDF2)
+    return grouped_mm_reference(h_NF, w2_EFD, offsets_E1, row_scale_N=row_scale_N)
 
 
 def sort_by_expert(ids_TK: torch.Tensor, num_experts: int

@@ -10,6 +10,20 @@ from .schema import Config
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def recompute_settings(config: Config, layers_per_group: int) -> dict:
+    """``train.recompute`` as ``TransformerConfig`` fields. selective: Megatron checkpoints
+    ``core_attn`` (our core-attention modules run inside its ``CheckpointFunction``), and the
+    MoE layer recomputes its experts' SwiGLU itself (``MoELayer``, ``recompute_activation``).
+    full: Megatron's ``uniform`` method, ``layers_per_group`` layers per checkpoint."""
+    mode = config.train.recompute
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=layers_per_group)
+    return {}
+
+
 def decoder_transformer_config(config: Config, use_cpu_initialization: bool = False):
     """The Megatron ``TransformerConfig`` of the Llama-style decoder (pre-RMSNorm, SwiGLU,
     RoPE, no biases, no dropout: MM1 pre-trains without it). ``use_cpu_initialization`` is set
@@ -61,6 +75,7 @@ def decoder_transformer_config(config: Config, use_cpu_initialization: bool = Fa
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
+        **recompute_settings(config, config.train.recompute_num_layers),
         # gloo needs ordered, unbatched p2p (registry entry gloo_p2p)
         **p2p_settings(use_cpu_initialization, par.virtual_pipeline),
     )

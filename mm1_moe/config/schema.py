@@ -201,6 +201,25 @@ class TrainConfig:
     """Shard fp32 master weights and Adam moments over the data-parallel ranks (Megatron's
     DistributedOptimizer: grads reduce-scattered, params all-gathered)."""
     dtype: Literal["fp32", "bf16"] = "bf16"
+    """bf16: Megatron's mixed precision (bf16 parameters and activations, fp32 main parameters
+    and Adam moments in the optimizer, fp32 loss; router logits and softmax stay fp32), on GPU
+    and CPU alike. fp32: everything in fp32."""
+    grad_reduce_in_fp32: bool = True
+    """With dtype=bf16: accumulate gradients over micro-batches and reduce them over the
+    data-parallel group in fp32 buffers (false: bf16 buffers, half the gradient memory and
+    traffic, rounding at each accumulation). No effect with dtype=fp32."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (decoder and ViT): trade backward time for activation memory.
+    none: keep every activation. selective: rerun core attention (Megatron's ``core_attn``) and
+    the MoE experts' fc1 + SwiGLU in the backward; the router, the all-to-all and every linear
+    layer keep their activations, so routing is never redone. full: keep only each decoder
+    layer group's input and rerun the whole group (router and all-to-all included, with the
+    forward's RNG state restored, so routing and jitter repeat exactly); the ViT reruns layer by
+    layer."""
+    recompute_num_layers: int = 1
+    """With recompute=full: decoder layers per recomputed group (Megatron's ``uniform`` method);
+    the layers of each pipeline stage must be a multiple of it. 1 keeps one input per layer;
+    larger groups keep fewer inputs but hold a whole group's activations while it reruns."""
     seed: int = 1234
     log_interval: int = 1
     output_dir: str = "runs/mm1"

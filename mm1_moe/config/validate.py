@@ -200,6 +200,24 @@ def _check_train(config: Config, errors: List[str]) -> None:
         errors.append(f"train.peak_tflops ({tr.peak_tflops}) must be > 0, or null")
     if not tr.grad_clip >= 0:
         errors.append(f"train.grad_clip ({tr.grad_clip}) must be >= 0 (0 disables)")
+    _check_recompute(config, errors)
+
+
+def _check_recompute(config: Config, errors: List[str]) -> None:
+    """Full recompute reruns groups of ``recompute_num_layers`` layers; Megatron's uniform
+    method steps past a stage's last layer when the group does not divide it."""
+    tr, dec, par = config.train, config.model.decoder, config.parallel
+    if not _at_least(errors, "train", tr, ("recompute_num_layers",)) or tr.recompute != "full":
+        return
+    chunks = par.pipeline_parallel * (par.virtual_pipeline or 1)
+    if dec.num_layers < 1 or chunks < 1 or dec.num_layers % chunks:
+        return  # reported by the decoder and parallel rules
+    per_chunk = dec.num_layers // chunks
+    if per_chunk % tr.recompute_num_layers:
+        errors.append(f"train.recompute_num_layers ({tr.recompute_num_layers}) does not divide "
+                      f"the {per_chunk} decoder layers of each pipeline stage "
+                      f"(model.decoder.num_layers ({dec.num_layers}) / {chunks} stages) under "
+                      "train.recompute=full")
 
 
 def _check_data(config: Config, errors: List[str]) -> None:

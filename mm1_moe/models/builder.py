@@ -48,12 +48,13 @@ def _apply_freezing(config: Config, chunk: torch.nn.Module) -> None:
 
 
 def wrap_ddp(config: Config, chunks: List[torch.nn.Module], distributed_optimizer: bool = False):
-    """Megatron's DDP around each chunk: contiguous fp32 grad buffers, bucketed all-reduce
-    (or reduce-scatter with the distributed optimizer) over the data-parallel group."""
+    """Megatron's DDP around each chunk: contiguous grad buffers (fp32 unless
+    ``train.grad_reduce_in_fp32`` is off in a bf16 run), bucketed all-reduce (or reduce-scatter
+    with the distributed optimizer) over the data-parallel group."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=config.train.grad_reduce_in_fp32,
         use_distributed_optimizer=distributed_optimizer,
     )
     return [

@@ -68,7 +68,8 @@ def moe_mlp_spec(config: Config) -> ModuleSpec:
     return ModuleSpec(
         module=MoELayer,
         params={"moe": moe, "kernels": config.kernels.moe,
-                "ffn_hidden_size": moe.expert_ffn_hidden_size or config.model.decoder.ffn_hidden_size},
+                "ffn_hidden_size": moe.expert_ffn_hidden_size or config.model.decoder.ffn_hidden_size,
+                "recompute_activation": config.train.recompute == "selective"},
     )
 
 

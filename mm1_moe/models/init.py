@@ -4,20 +4,22 @@ Megatron draws each rank's initial weights from that rank's RNG stream, so a TP=
 starts from different weights than a single-process run and their losses cannot be compared.
 Here every parameter is drawn from a generator seeded by its *global* name, taken from Megatron's
 own ``sharded_state_dict`` (the same key, global shape and offset that distributed checkpoints
-use), and each rank copies out only its shard. The cost is one full-size tensor per parameter
-on every rank, which is why it is opt-in (``model.layout_invariant_init``): tests, parity
-checks, small models.
+use), and each rank copies out only its shard. The distribution is the one the module that owns
+the parameter says it draws (``mm1_moe.models.param_init``), so an invariant build starts from
+the distributions a plain build gives. The cost is one full-size tensor per parameter on every
+rank, which is why it is opt-in (``model.layout_invariant_init``): tests, parity checks, small
+models.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, Tuple
 
 import torch
 
 from ..config import Config
+from .param_init import param_inits_by_id
 
 
 def model_sharded_state_dict(module: torch.nn.Module) -> dict:
@@ -29,52 +31,23 @@ def model_sharded_state_dict(module: torch.nn.Module) -> dict:
     return module.sharded_state_dict(metadata={"non_homogeneous_layers": True} if mixed else None)
 
 
-def _sharded_tensors(module: torch.nn.Module) -> Iterator:
+def _param_shards(module: torch.nn.Module) -> Iterator[Tuple[torch.Tensor, object]]:
+    """(the state-dict tensor, a ShardedTensor over it or over a part of it) for every tensor of
+    ``module``'s sharded state dict."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     for item in nested_values(model_sharded_state_dict(module)):
         if isinstance(item, ShardedTensorFactory):  # e.g. SwiGLU fc1: [gate; up] halves
-            yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
+            for t in nested_values(item.build()):
+                if isinstance(t, ShardedTensor):
+                    yield item.data, t
         elif isinstance(item, ShardedTensor):
-            yield item
+            yield item.data, item
 
 
-def _std_for(key: str, config: Config) -> float:
-    """Megatron's scheme: N(0, std); output projections of each residual branch get
-    std / sqrt(2 * num_layers) (GPT-2's scaled init, ``scaled_init_method_normal``)."""
-    dec = config.model.decoder
-    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        depth = config.model.vision.depth if key.startswith("vision_model.") else dec.num_layers
-        return dec.init_std / math.sqrt(2.0 * depth)
-    return dec.init_std
-
-
-def _torch_default_bound(key: str, shape) -> Optional[float]:
-    """The connector is plain torch (timm-style convs and linears): its weights get torch's own
-    default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as a non-invariant build leaves them. N(0, 0.02)
-    there shrinks the image tokens (a 3x3 depthwise conv has fan-in 9, a 64-wide readout 64) and
-    the tiny MM1 is slower to use them: on the bundled captions at lr 1e-3, the loss with images
-    shuffled across captions is 0.30 above the true pairing after 240 steps, 0.63 with torch's
-    default. Position embeddings and queries keep N(0, 0.02), as the constructors draw them.
-    None: not such a weight."""
-    if not key.startswith("connector.") or len(shape) < 2 or key.endswith(("pos_embed", "queries")):
-        return None
-    fan_in = math.prod(shape[1:])
-    return 1.0 / math.sqrt(fan_in)
-
-
-def _full_tensor(key: str, shape, seed: int, config: Config) -> torch.Tensor:
-    if key.endswith("bias"):
-        return torch.zeros(shape)
-    parts = key.rsplit(".", 2)
-    if (len(parts) > 1 and "norm" in parts[-2]) or key.endswith("layer_norm_weight"):
-        return torch.ones(shape)
-    generator = torch.Generator().manual_seed(seed)
-    bound = _torch_default_bound(key, shape)
-    if bound is not None:
-        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
-    return torch.empty(shape).normal_(0.0, _std_for(key, config), generator=generator)
+def _sharded_tensors(module: torch.nn.Module) -> Iterator:
+    return (sharded for _, sharded in _param_shards(module))
 
 
 def layer_key(sharded) -> str:
@@ -95,16 +68,14 @@ FullTensorFn = Callable[[str, Tuple[int, ...]], torch.Tensor]
 
 
 @torch.no_grad()
-def fill_from_global_(modules: Iterable[torch.nn.Module], full_tensor: FullTensorFn) -> int:
-    """Set every parameter of ``modules`` (this rank's chunks) to its shard of the global tensor
-    that ``full_tensor(global_name, global_shape)`` returns. Works for any TP/PP layout, since
-    the shard offsets come from Megatron's own sharded_state_dict. Returns the tensors set."""
+def _fill(modules: Iterable[torch.nn.Module],
+          full_tensor: Callable[[str, Tuple[int, ...], torch.Tensor], torch.Tensor]) -> int:
     count = 0
     for module in modules:
-        for sharded in _sharded_tensors(module):
+        for param, sharded in _param_shards(module):
             n = sharded.prepend_axis_num
             name, shape = layer_key(sharded), tuple(sharded.global_shape[n:])
-            full = full_tensor(name, shape)
+            full = full_tensor(name, shape, param)
             if tuple(full.shape) != shape:
                 raise ValueError(f"{name}: source tensor has shape {tuple(full.shape)}, the model "
                                  f"expects {shape}")
@@ -115,12 +86,24 @@ def fill_from_global_(modules: Iterable[torch.nn.Module], full_tensor: FullTenso
     return count
 
 
+def fill_from_global_(modules: Iterable[torch.nn.Module], full_tensor: FullTensorFn) -> int:
+    """Set every parameter of ``modules`` (this rank's chunks) to its shard of the global tensor
+    that ``full_tensor(global_name, global_shape)`` returns. Works for any TP/PP layout, since
+    the shard offsets come from Megatron's own sharded_state_dict. Returns the tensors set."""
+    return _fill(modules, lambda name, shape, _param: full_tensor(name, shape))
+
+
 def layout_invariant_init_(modules: Iterable[torch.nn.Module], config: Config) -> int:
     """Overwrite every parameter of ``modules`` (this rank's model chunks, before wrapping in
-    DDP) with its shard of a draw seeded by the parameter's global name. Returns the count."""
+    DDP) with its shard of a draw from the parameter's ParamInit, seeded by its global name.
+    Returns the count."""
+    modules = list(modules)
+    inits = param_inits_by_id(modules)
 
-    def draw(name: str, shape: Tuple[int, ...]) -> torch.Tensor:
+    def draw(name: str, shape: Tuple[int, ...], param: torch.Tensor) -> torch.Tensor:
+        if id(param) not in inits:
+            raise ValueError(f"{name}: in the sharded state dict but not a parameter of the model")
         seed = (config.train.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-        return _full_tensor(name, shape, seed, config)
+        return inits[id(param)].init_(torch.empty(shape), torch.Generator().manual_seed(seed))
 
-    return fill_from_global_(modules, draw)
+    return _fill(modules, draw)

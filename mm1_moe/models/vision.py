@@ -42,8 +42,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from torch import nn
 
 from ..config import Config
-from ..config.megatron import DTYPES
+from ..config.megatron import DTYPES, recompute_settings
 from .decoder import attention_spec, dense_mlp_spec
+from .param_init import ParamInit, normal
 
 ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}  # HF "gelu" is the exact (erf) GELU
 
@@ -83,6 +84,8 @@ def vision_transformer_config(config: Config, use_cpu_initialization: bool = Fal
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
+        # full: one checkpoint per ViT layer (train.recompute_num_layers counts decoder layers)
+        **recompute_settings(config, layers_per_group=1),
     )
 
 
@@ -123,8 +126,14 @@ class VisionEmbeddings(nn.Module):
         self.grid = image_size // patch_size
         self.patch_embedding = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False,
                                          dtype=dtype)
-        self.class_embedding = nn.Parameter(torch.randn(width, dtype=dtype) * width**-0.5)
+        self.class_embedding = nn.Parameter(torch.empty(width, dtype=dtype))
+        self.param_init("class_embedding").init_(self.class_embedding)
         self.position_embedding = nn.Embedding(self.grid**2 + 1, width, dtype=dtype)
+
+    def param_init(self, name: str) -> ParamInit:
+        """The CLS token's N(0, W^-0.5), as CLIP's. The patch conv and the position table are
+        torch layers with torch's defaults (``mm1_moe.models.param_init``)."""
+        return {"class_embedding": normal(self.class_embedding.shape[0] ** -0.5)}[name]
 
     def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """[1 + grid_h * grid_w, W]: the table itself at the configured grid, else

@@ -2,19 +2,28 @@
 
 Shapes: T tokens, D width, E experts (global), e = E / ep local experts, K top-k, N routed rows.
 
-Both dispatchers first sort this rank's T*K routed slots by global expert with our dispatch
-kernel (a stable counting sort + row gather). Experts are laid out contiguously by rank (rank r
+Every dispatcher first sorts this rank's T*K routed slots by global expert with our dispatch
+metadata kernel (a stable counting sort). Experts are laid out contiguously by rank (rank r
 holds experts [r*e, (r+1)*e)), so that order is already grouped by destination rank:
 
-* ``LocalDispatcher`` (ep = 1): the sorted rows go straight to the experts.
+* ``GatherDispatcher`` (ep = 1, the default there; ScatterMoE's layout): no rows are copied.
+  The experts read token rows through the sort (``gather_index_N``: the token of each sorted
+  slot), scale their output rows by the slot's routing weight (``row_scale_N``), and combine sums
+  each token's K rows unweighted. Per step this saves dispatch's [N, D] read and write in the
+  forward and combine's [N, D] read of y for the weight gradient in the backward (the weight
+  gradient comes from the fc2-backward epilogue instead); see ``benchmarks/bench_moe_layer.py``.
+* ``LocalDispatcher`` (ep = 1, unfused): the sorted rows are copied out (x_ND), go to the
+  experts, and combine takes the weighted sum. Kept as the fused path's baseline.
 * ``AllToAllDispatcher`` (ep > 1): counts first (an all-to-all of the [ep, e] count table, one
-  host sync to size the exchange), then rows (an all-to-all with those split sizes). Received
-  rows are ordered by (source rank, local expert); a second, local sort (the same kernel, K=1)
-  regroups them by local expert. ``combine`` undoes each step in reverse and then takes the
-  weighted sum of each token's K rows with our combine kernel.
+  host sync to size the exchange), then rows (copied into x_ND by the dispatch kernel, then an
+  all-to-all with those split sizes). Received rows are ordered by (source rank, local expert);
+  a second, local sort (the same kernel, K=1) regroups them by local expert. ``combine`` undoes
+  each step in reverse and then takes the weighted sum of each token's K rows with our combine
+  kernel.
 
-``dispatch`` returns the expert-ordered rows and a frozen ``DispatchState`` that ``combine``
-consumes: no hidden state on the dispatcher between the two calls.
+``dispatch`` returns the experts' input rows (expert-ordered x_ND, or x_TD with a gather index)
+and a frozen ``DispatchState`` that ``run_experts`` and ``combine`` consume: no hidden state on
+the dispatcher between the calls.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ class DispatchState:
     local_meta: the regrouping of received rows by local expert (ep > 1 only).
     send_splits / recv_splits: rows sent to / received from each EP rank (ep > 1 only).
     tokens_per_expert_e: int [e] rows each local expert processes (for metrics).
+    gather_index_N / row_scale_N: ``GatherDispatcher`` only: the token each expert row reads
+        (int32 [N_kept]) and the routing weight it is scaled by (float [N_kept], differentiable).
     """
 
     meta: DispatchMeta
@@ -44,6 +55,8 @@ class DispatchState:
     local_meta: Optional[DispatchMeta] = None
     send_splits: Optional[List[int]] = None
     recv_splits: Optional[List[int]] = None
+    gather_index_N: Optional[torch.Tensor] = None
+    row_scale_N: Optional[torch.Tensor] = None
 
 
 class LocalDispatcher:
@@ -64,6 +77,28 @@ class LocalDispatcher:
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor,
                 state: DispatchState) -> torch.Tensor:
         return self.ops.combine(y_ND, weights_TK, state.meta)
+
+
+class GatherDispatcher(LocalDispatcher):
+    """All experts on this rank, no row copy: ``dispatch`` hands x_TD itself to the experts with
+    the sort as a gather index and the routing weights as row scales; ``combine`` sums each
+    token's rows unweighted. Dropped slots (capacity) are absent from the sort, so no expert row
+    reads them and combine skips them, as in ``LocalDispatcher``."""
+
+    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> Tuple[torch.Tensor, DispatchState]:
+        meta = self._sort(route)
+        slot_N = meta.sort_index_N
+        gather_index_N = torch.div(slot_N, meta.top_k, rounding_mode="floor")  # token of a slot
+        # The router's weights in sorted order; autograd scatters their grad back to [T, K]
+        # (0 for dropped slots, as combine's weight gradient gives them in LocalDispatcher).
+        row_scale_N = route.weights_TK.reshape(-1)[slot_N.long()]
+        state = DispatchState(meta, meta.offsets_E1, meta.counts_E,
+                              gather_index_N=gather_index_N, row_scale_N=row_scale_N)
+        return x_TD, state
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor,
+                state: DispatchState) -> torch.Tensor:
+        return self.ops.combine(y_ND, None, state.meta)  # the weights scaled the rows already
 
 
 class AllToAllDispatcher(LocalDispatcher):

@@ -1,6 +1,6 @@
 """Grouped SwiGLU experts: all of this rank's experts in one grouped GEMM per projection.
 
-Shapes: N rows (expert-sorted), D width, F expert FFN width, e local experts.
+Shapes: T tokens, N rows (expert-sorted), D width, F expert FFN width, e local experts.
   w1_eDF2: [gate | up] along the last dim; w2_eFD. Expert ``i`` of this rank is global expert
   ``ep_rank * e + i``; the sharded state dict says so, so checkpoints reshard across EP sizes.
 """
@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..models.param_init import ParamInit, normal
 from .backend import MoEOps
 
 
@@ -23,19 +24,24 @@ class GroupedSwiGLUExperts(torch.nn.Module):
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
                  ops: MoEOps, params_dtype: torch.dtype = torch.float32, init_std: float = 0.02,
                  num_layers: int = 1, ep_rank: int = 0, ep_size: int = 1,
-                 duplicate_factor: int = 1):
+                 duplicate_factor: int = 1, recompute_activation: bool = False):
         """``duplicate_factor``: how many ranks of one expert-data-parallel group hold the same
         tokens. Without sequence parallelism every tensor-parallel rank routes the same tokens,
         and Megatron's DDP sums expert grads over a group that counts each token that many
-        times (it scales by 1 / data-parallel size only): the hook divides it back out."""
+        times (it scales by 1 / data-parallel size only): the hook divides it back out.
+        ``recompute_activation`` (train.recompute=selective): fc1 and the SwiGLU rerun in the
+        backward instead of keeping gate_up_NF2 (the ops' ``recompute_fc1``)."""
         super().__init__()
+        self.recompute_activation = recompute_activation
         e, D, F = num_local_experts, hidden_size, ffn_hidden_size
         self.ops, self.ep_rank, self.ep_size = ops, ep_rank, ep_size
         self.w1 = torch.nn.Parameter(torch.empty(e, D, 2 * F, dtype=params_dtype))
         self.w2 = torch.nn.Parameter(torch.empty(e, F, D, dtype=params_dtype))
-        torch.nn.init.normal_(self.w1, 0.0, init_std)
-        # Output projection of a residual branch: Megatron's scaled init, std / sqrt(2 L).
-        torch.nn.init.normal_(self.w2, 0.0, init_std / math.sqrt(2.0 * num_layers))
+        # w2 is the output projection of a residual branch: Megatron's scaled init (its
+        # output_layer_init_method), std / sqrt(2 L).
+        self._inits = {"w1": normal(init_std), "w2": normal(init_std / math.sqrt(2.0 * num_layers))}
+        for name, spec in self._inits.items():
+            spec.init_(getattr(self, name))
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         for p in (self.w1, self.w2):
@@ -46,9 +52,17 @@ class GroupedSwiGLUExperts(torch.nn.Module):
             if duplicate_factor > 1:
                 p.register_hook(_scale_grad(1.0 / duplicate_factor))
 
-    def forward(self, x_ND: torch.Tensor, offsets_e1: torch.Tensor,
+    def param_init(self, name: str) -> ParamInit:
+        """How ``name`` (w1 or w2) is initialised (``mm1_moe.models.param_init``)."""
+        return self._inits[name]
+
+    def forward(self, x: torch.Tensor, offsets_e1: torch.Tensor,
+                gather_index_N: Optional[torch.Tensor] = None,
                 row_scale_N: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.ops.swiglu_experts(x_ND, self.w1, self.w2, offsets_e1, None, row_scale_N)
+        """y_ND from x_ND (expert-sorted rows), or from x_TD with ``gather_index_N`` (the token of
+        each sorted row); output rows scaled by ``row_scale_N`` when given."""
+        return self.ops.swiglu_experts(x, self.w1, self.w2, offsets_e1, gather_index_N,
+                                       row_scale_N, recompute_fc1=self.recompute_activation)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None):

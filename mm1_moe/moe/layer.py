@@ -8,6 +8,12 @@ z-loss x z_loss_coeff) join the backward through ``AuxLossInjector`` on the laye
 by ``aux_loss_scale`` (the trainer sets 1 / micro-batches, as Megatron scales the LM loss).
 Routing statistics cover real tokens only: Megatron passes ``padding_mask`` ([B, S], True for
 tokens to count) down from ``GPTModel.forward``; image placeholders and padding are False.
+
+At expert-parallel size 1 dispatch copies no rows (``GatherDispatcher``, ``fuse_dispatch=True``,
+the default): the experts read x_TD through the sort and apply the routing weight, and combine
+sums unweighted. ``fuse_dispatch=False`` keeps the copy-then-weighted-combine path
+(``LocalDispatcher``), the fused path's baseline in tests and benchmarks. EP > 1 always copies
+(rows must be contiguous per destination rank for the all-to-all).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import MoEConfig
 from .backend import RouterOutput, moe_ops
-from .dispatcher import AllToAllDispatcher, DispatchState, LocalDispatcher
+from .dispatcher import AllToAllDispatcher, DispatchState, GatherDispatcher, LocalDispatcher
 from .experts import GroupedSwiGLUExperts
 from .router import TopKRouter
 
@@ -92,7 +98,10 @@ class MoELayer(MegatronModule):
 
     def __init__(self, config: TransformerConfig, moe: MoEConfig, kernels: str = "triton",
                  ffn_hidden_size: Optional[int] = None, submodules=None, layer_number=None,
-                 pg_collection=None, tp_group=None):
+                 pg_collection=None, tp_group=None, fuse_dispatch: bool = True,
+                 recompute_activation: bool = False):
+        """``recompute_activation`` (train.recompute=selective): the experts rerun fc1 and the
+        SwiGLU in the backward; routing and the all-to-all are never rerun."""
         super().__init__(config=config)
         from megatron.core import parallel_state as ps
 
@@ -103,13 +112,15 @@ class MoELayer(MegatronModule):
         self.experts = GroupedSwiGLUExperts(
             moe.num_experts // ep, config.hidden_size, ffn_hidden_size or config.ffn_hidden_size,
             ops, config.params_dtype, config.init_method_std, config.num_layers, ep_rank, ep,
-            duplicate_factor=1 if config.sequence_parallel else config.tensor_model_parallel_size)
+            duplicate_factor=1 if config.sequence_parallel else config.tensor_model_parallel_size,
+            recompute_activation=recompute_activation)
         if ep > 1:
             self.dispatcher = AllToAllDispatcher(moe.num_experts, ops,
                                                  ps.get_expert_model_parallel_group(),
                                                  moe.capacity_factor)
         else:
-            self.dispatcher = LocalDispatcher(moe.num_experts, ops, moe.capacity_factor)
+            local = GatherDispatcher if fuse_dispatch else LocalDispatcher
+            self.dispatcher = local(moe.num_experts, ops, moe.capacity_factor)
         self.aux_loss_scale = 1.0
         self.metrics = _MetricsAccumulator()
 
@@ -123,8 +134,9 @@ class MoELayer(MegatronModule):
     def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> Tuple[torch.Tensor, DispatchState]:
         return self.dispatcher.dispatch(x_TD, route)
 
-    def run_experts(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        return self.experts(x_ND, state.offsets_e1)
+    def run_experts(self, x_rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """x_rows: x_ND, or x_TD read through ``state.gather_index_N`` (``GatherDispatcher``)."""
+        return self.experts(x_rows, state.offsets_e1, state.gather_index_N, state.row_scale_N)
 
     def combine(self, y_ND: torch.Tensor, route: RouterOutput, state: DispatchState) -> torch.Tensor:
         return self.dispatcher.combine(y_ND, route.weights_TK, state)
@@ -147,11 +159,20 @@ class MoELayer(MegatronModule):
 
     def _moe(self, x_TD: torch.Tensor, token_mask_T: Optional[torch.Tensor]) -> torch.Tensor:
         route = self.route(x_TD, token_mask_T)
-        x_ND, state = self.dispatch(x_TD, route)
-        y_ND = self.run_experts(x_ND, state)
+        x_rows, state = self.dispatch(x_TD, route)
+        y_ND = self.run_experts(x_rows, state)
         out_TD = self.combine(y_ND, route, state)
         aux = self.moe.aux_loss_coeff * route.aux_loss + self.moe.z_loss_coeff * route.z_loss
         if self.training and aux.requires_grad:
             out_TD = AuxLossInjector.apply(out_TD, aux, float(self.aux_loss_scale))
-        self.metrics.add(route, state.meta.num_dropped)
+        if not _recomputing():  # full recompute reruns this forward in the backward: count once
+            self.metrics.add(route, state.meta.num_dropped)
         return out_TD
+
+
+def _recomputing() -> bool:
+    """True in the backward's rerun of a checkpointed forward (train.recompute=full): Megatron's
+    ``CheckpointFunction`` runs the first forward without grad and the rerun with it."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return is_checkpointing() and torch.is_grad_enabled()

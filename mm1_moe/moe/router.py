@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..config import MoEConfig
+from ..models.param_init import ParamInit, normal
 from .backend import MoEOps, RouterOutput
 
 
@@ -26,7 +27,12 @@ class TopKRouter(torch.nn.Module):
         self.ops = ops
         self.weight = torch.nn.Parameter(torch.empty(moe.num_experts, hidden_size,
                                                      dtype=params_dtype))
-        torch.nn.init.normal_(self.weight, 0.0, init_std)
+        self._inits = {"weight": normal(init_std)}
+        self._inits["weight"].init_(self.weight)
+
+    def param_init(self, name: str) -> ParamInit:
+        """How ``weight`` is initialised (``mm1_moe.models.param_init``)."""
+        return self._inits[name]
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter > 0:  # Switch Transformer's multiplicative jitter

@@ -54,18 +54,12 @@ def _env_int(name: str, default: int) -> int:
 def initialize(config: Config, timeout_minutes: int = 30) -> Runtime:
     """Start torch.distributed and Megatron's model-parallel groups for ``config``.
 
-    Raises ConfigError when the layout does not fit the world size, or when the config asks for
-    bf16 on a machine without a GPU.
+    Raises ConfigError when the layout does not fit the world size.
     """
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     dp = validate_layout(config, world)
     on_gpu = not needs_cpu_runtime()
-    if not on_gpu and config.train.dtype == "bf16":
-        raise ConfigError(
-            "train.dtype (bf16) needs a GPU: Megatron's mixed-precision optimizer keeps CUDA "
-            "tensors only. Use train.dtype=fp32 on CPU."
-        )
     setup_process()
     apply_megatron_patches(on_cpu=not on_gpu)
     kernels = resolve_auto_kernels(on_gpu)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from ..models.init import model_sharded_state_dict
 from ..runtime.threads import serial_collectives
@@ -174,6 +175,32 @@ def _read_rng(path: str, meta: Dict[str, Any]) -> Optional[rng_state.RngStates]:
     return rng
 
 
+def _saved_dtype(meta: Dict[str, Any]) -> Optional[str]:
+    """train.dtype of the run that saved (None for a checkpoint without its config)."""
+    try:
+        return yaml.safe_load(meta.get("config") or "")["train"]["dtype"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def _run_dtype(optimizer) -> str:
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "bf16" if any(getattr(getattr(o, "config", None), "bf16", False) for o in inner) \
+        else "fp32"
+
+
+def _check_dtype(meta: Dict[str, Any], optimizer, path: str) -> None:
+    """The optimizer state of a bf16 run (fp32 main params beside bf16 weights) and of an fp32
+    run differ in kind; Megatron fails deep in the load (KeyError 'pre_wd_mult', a missing
+    fp32_param key). Say so before anything is read."""
+    saved, current = _saved_dtype(meta), _run_dtype(optimizer)
+    if saved is not None and saved != current:
+        raise CheckpointError(
+            f"{path} was saved by a train.dtype={saved} run and this run has "
+            f"train.dtype={current}: optimizer state does not convert between the two. Resume "
+            f"with train.dtype={saved}.")
+
+
 def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
     """Load ``path`` into the chunks, optimizer and scheduler (resharding as needed); restore RNG
     when the layout matches. Returns {"step", "data_state"}. Raises CheckpointError on a bad
@@ -181,6 +208,7 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, 
     from megatron.core import dist_checkpointing
 
     meta = read_meta(path)
+    _check_dtype(meta, optimizer, path)
     same_layout = meta.get("layout") == _layout()
     rng = _read_rng(path, meta) if same_layout else None  # set only once all else loaded
     sharded = _sharded_state(model_chunks, optimizer, loading=True)

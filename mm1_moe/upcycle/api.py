@@ -195,9 +195,10 @@ def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: i
     dense_cfg = dense_config(source, moe_config)
     check_same_decoder(dense_cfg.model.decoder, moe_config.model.decoder, source.path)
     if moe_config.train.dtype != "fp32" and needs_cpu_runtime():
-        raise UpcycleError(f"train.dtype ({moe_config.train.dtype}) checkpoints hold the GPU-only "
-                           "mixed-precision optimizer's state: upcycle on a GPU machine, or for "
-                           "an fp32 run set train.dtype=fp32")
+        raise UpcycleError(f"train.dtype ({moe_config.train.dtype}): upcycling without a GPU "
+                           "writes fp32 checkpoints only (bf16 conversion on CPU is not built "
+                           "yet), and a run cannot change dtype on resume. Set "
+                           "train.dtype=fp32, or upcycle on a GPU machine")
     # A Hugging Face folder is read and checked tensor by tensor now, before the runtime starts
     # and both models are built: a missing or mis-shaped tensor fails before that work
     hf_tensors = read_hf_llama(source.path, dense_cfg) if source.kind == "huggingface" else None

@@ -51,11 +51,14 @@ def baseline(tmp_path_factory):
     return get
 
 
-def _layout(tp: int, ep: int, pp: int, nproc: int, *extra: str, kernels: str = "torch"):
+def _layout(tp: int, ep: int, pp: int, nproc: int, *extra: str, kernels: str = "torch",
+            recompute: str = "none"):
     overrides = [f"parallel.tensor_parallel={tp}", f"parallel.expert_parallel={ep}",
-                 f"parallel.pipeline_parallel={pp}", f"kernels.moe={kernels}", *extra]
+                 f"parallel.pipeline_parallel={pp}", f"kernels.moe={kernels}",
+                 f"train.recompute={recompute}", *extra]
     dp = nproc // (tp * pp)
     name = f"tp{tp}-ep{ep}-pp{pp}-dp{dp}" + ("" if kernels == "torch" else f"-{kernels}")
+    name += "" if recompute == "none" else f"-recompute-{recompute}"
     return pytest.param(nproc, overrides, id=name)
 
 
@@ -69,6 +72,11 @@ LAYOUTS = [
     # one MoE layer per stage, EP inside each stage, two micro-batches in flight
     _layout(1, 2, 2, 4, "train.micro_batch_size=2"),
     _layout(1, 2, 1, 2, kernels="triton"),
+    # activation recomputation equals the baseline without it (tests/unit/test_recompute.py
+    # checks routing and every grad on one process): core attention and the experts' SwiGLU
+    # rerun under TP; whole layers, router and all-to-all included, rerun inside 1F1B under EP
+    _layout(2, 1, 1, 2, recompute="selective"),
+    _layout(1, 2, 2, 4, "train.micro_batch_size=2", recompute="full"),
 ]
 
 

@@ -191,6 +191,18 @@ def test_megatron_permute_unpermute():
     torch.testing.assert_close(combine(y, weights, meta), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_combine_keeps_y_for_backward_only_when_the_weights_need_a_grad():
+    """An unweighted combine (the fused EP=1 path) must not hold a [N, D] copy until backward."""
+    T, K, E, D = 9, 2, 3, 8
+    meta = dispatch_metadata(make_ids(T, K, E, "random"), E)
+    y = torch.randn(T * K, D, requires_grad=True)
+    weights = torch.rand(T, K, requires_grad=True)
+    saved = lambda out: [t for t in out.grad_fn.saved_tensors if t is not None]  # noqa: E731
+    assert [t.shape for t in saved(combine(y, None, meta))] == []
+    assert y.shape in [t.shape for t in saved(combine(y, weights, meta))]
+    assert saved(combine(y, weights.detach(), meta))[0].shape == weights.shape
+
+
 ROW_BLOCKS = [pytest.param(None, id="interpreter-tiles"), pytest.param((32, 16), id="32x16-tiles")]
 
 

@@ -464,6 +464,12 @@ RULES = [
     ("adam_eps>0", ["train.adam_eps=0"], "train.adam_eps (0.0) must be > 0"),
     ("peak_tflops>0", ["train.peak_tflops=0"], "train.peak_tflops (0.0) must be > 0, or null"),
     ("grad_clip>=0", ["train.grad_clip=-1"], "train.grad_clip (-1.0) must be >= 0 (0 disables)"),
+    ("recompute_num_layers>=1", ["train.recompute_num_layers=0"],
+     "train.recompute_num_layers (0) must be >= 1"),
+    ("recompute-group-divides-stage", ["train.recompute=full", "parallel.pipeline_parallel=2",
+                                       "train.recompute_num_layers=4"],
+     "train.recompute_num_layers (4) does not divide the 2 decoder layers of each pipeline stage "
+     "(model.decoder.num_layers (4) / 2 stages) under train.recompute=full"),
     ("seq>=2", ["data.seq_length=1"], "data.seq_length (1) must be >= 2"),
     ("images>=1", ["data.max_images_per_sequence=0"],
      "data.max_images_per_sequence (0) must be >= 1"),
@@ -517,6 +523,8 @@ def test_a_single_failure_is_reported_alone():
     ["train.min_lr_ratio=0", "train.min_lr_ratio=1"],
     ["train.grad_clip=0", "train.warmup_steps=0", "train.lr=null"],
     ["train.micro_batch_size=8", "train.global_batch_size=8"],
+    ["train.recompute=full", "train.recompute_num_layers=4"],  # one group: the whole stage
+    ["train.recompute=selective", "train.recompute_num_layers=3"],  # read by full only
 ])
 def test_boundaries_are_accepted(overrides):
     config = tiny_moe(*overrides)
@@ -577,7 +585,7 @@ def test_the_walk_sees_every_section():
     sections = {p.rsplit(".", 1)[0] for p in INT_FIELDS + FLOAT_FIELDS}
     assert sections == {"model", "model.vision", "model.connector", "model.decoder",
                         "model.decoder.moe", "parallel", "data", "train"}
-    assert len(INT_FIELDS) == 38 and len(FLOAT_FIELDS) == 16  # a new field joins the walk
+    assert len(INT_FIELDS) == 39 and len(FLOAT_FIELDS) == 16  # a new field joins the walk
     assert set(ZERO_OR_NEGATIVE_OK) <= set(INT_FIELDS) and FLOAT_ZERO_OK <= set(FLOAT_FIELDS)
 
 

@@ -134,6 +134,18 @@ def test_memory_dp_halves_optimizer() -> None:
         assert two.weights == one.weights and two.grads == one.grads
 
 
+def test_memory_bf16_grad_buffers_halve_grads() -> None:
+    """train.grad_reduce_in_fp32=false: 2-byte gradient buffers in a bf16 run; fp32 runs keep 4."""
+    cfg = _load("mm1-7b")
+    fp32_grads = memory_per_gpu(cfg, tp=1, pp=1, dp=8)
+    cfg.train.grad_reduce_in_fp32 = False
+    bf16_grads = memory_per_gpu(cfg, tp=1, pp=1, dp=8)
+    assert bf16_grads.grads * 2 == fp32_grads.grads
+    assert bf16_grads.weights == fp32_grads.weights
+    cfg.train.dtype = "fp32"
+    assert memory_per_gpu(cfg, tp=1, pp=1, dp=8).grads == fp32_grads.grads
+
+
 def test_memory_tp_halves_weights() -> None:
     cfg = _load("mm1-7b")
     one, two = memory_per_gpu(cfg, tp=1, pp=1, dp=1), memory_per_gpu(cfg, tp=2, pp=1, dp=1)

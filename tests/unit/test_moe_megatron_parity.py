@@ -18,8 +18,13 @@ S, B = 24, 2  # 48 tokens
 
 @pytest.fixture
 def started(configs_dir):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     config = load_config(os.path.join(configs_dir, "tiny-moe.yaml"))
     initialize(config)
+    # Megatron's MoE layer scales its aux-loss gradient by a process-global scale that a
+    # training run earlier in this process leaves at 1 / micro-batches: the oracle runs at 1
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     yield config
     shutdown()
 

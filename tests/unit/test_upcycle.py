@@ -309,6 +309,10 @@ BAD = [
     _bad("dense_target", "dense", ["model.decoder.moe.num_experts=0"], {},
          r"the MoE config is dense \(model\.decoder\.moe\.num_experts is 0\)"),
     _bad("bad_router_init", "dense", [], {"router_init": "ones"}, r"router_init \('ones'\)"),
+    pytest.param("dense", ["train.dtype=bf16"], {},
+                 r"train\.dtype \(bf16\): upcycling without a GPU writes fp32 checkpoints only",
+                 id="bf16_without_gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusal")),
 ]
 
 

@@ -21,7 +21,8 @@ from importlib import metadata
 from typing import Dict, List, Tuple
 
 from . import (aux_loss_scale, cpu_clip_grads, cpu_rng_state, cpu_tensor_type, cpu_torch_proxy,
-               distopt_adam_step, gloo_p2p, import_warnings, te_unbound_names, unknown_mlp_log)
+               distopt_adam_step, distopt_fp32_params_order, gloo_p2p, import_warnings,
+               mixed_precision_fp32_params, te_unbound_names, unknown_mlp_log)
 from .gloo_p2p import p2p_settings
 from .record import Patch, Revert
 
@@ -39,6 +40,8 @@ REGISTRY: Tuple[Patch, ...] = (
     cpu_tensor_type.PATCH,
     gloo_p2p.PATCH,
     distopt_adam_step.PATCH,
+    distopt_fp32_params_order.PATCH,
+    mixed_precision_fp32_params.PATCH,
 )
 BY_NAME: Dict[str, Patch] = {p.name: p for p in REGISTRY}
 

@@ -3,9 +3,10 @@
 
 Importing megatron.core warns that Apex and Transformer Engine are absent (four times, from
 ``optimizer/__init__.py``, ``optimizer.py``, ``clip_grads.py`` and the FSDP mixed-precision
-module) and, per TransformerConfig, that the "full" recompute scope is deprecated. We use
-neither Apex nor TE by design (torch optimizers and norms, our kernels), so the lines would
-bury a command's own output. Only those messages are filtered; every other warning shows.
+module) and, per TransformerConfig, that the "full" recompute scope is deprecated and (with
+``train.recompute=selective``) that a Transformer Engine core attention may not need
+recomputing. We use neither Apex nor TE by design (torch optimizers and norms, our kernels), so
+the lines would bury a command's own output. Only those messages are filtered; every other warning shows.
 This entry must be applied before megatron.core is first imported to catch the import-time
 ones: ``mm1_moe.runtime.setup_process`` applies it first."""
 
@@ -16,7 +17,8 @@ from typing import List
 
 from .record import Patch, Revert, missing_text
 
-MESSAGES = r".*(Apex|Transformer Engine|full scope is deprecated).*"
+MESSAGES = (r".*(Apex|Transformer Engine|full scope is deprecated"
+            r"|the core_attn is from transformer_engine).*")
 SOURCES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads")
 
 
@@ -25,7 +27,8 @@ def check() -> List[str]:
     for module in SOURCES:
         problems += missing_text(module, "Transformer Engine and Apex are not installed")
     return problems + missing_text("megatron.core.transformer.transformer_config",
-                                   "full scope is deprecated")
+                                   "full scope is deprecated",
+                                   "the core_attn is from transformer_engine")
 
 
 def apply() -> Revert:
