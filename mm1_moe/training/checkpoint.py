@@ -33,7 +33,7 @@ import yaml
 from ..models.init import model_sharded_state_dict
 from ..runtime.threads import serial_collectives
 from . import rng_state
-from .optimizer_state import as_loading_format, redirect_missing_tensors
+from .optimizer_state import as_loading_format, redirect_missing_tensors, sub_optimizers
 from .safe_load import CheckpointError, failure_cause, restricted_unpickling
 
 __all__ = ["CheckpointError", "COMPLETE", "complete_checkpoints", "load_checkpoint",
@@ -184,9 +184,8 @@ def _saved_dtype(meta: Dict[str, Any]) -> Optional[str]:
 
 
 def _run_dtype(optimizer) -> str:
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "bf16" if any(getattr(getattr(o, "config", None), "bf16", False) for o in inner) \
-        else "fp32"
+    return "bf16" if any(getattr(getattr(o, "config", None), "bf16", False)
+                         for o in sub_optimizers(optimizer)) else "fp32"
 
 
 def _check_dtype(meta: Dict[str, Any], optimizer, path: str) -> None:

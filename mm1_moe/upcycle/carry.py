@@ -21,10 +21,8 @@ from ..config import Config
 from ..models.builder import wrap_ddp
 from ..training.checkpoint import load_checkpoint
 from ..training.optimizer import build_optimizer
+from ..training.optimizer_state import MOMENTS, sub_optimizers
 from .convert import UpcycleError, UpcyclePlan, upcycle_state_dict
-from .save import sub_optimizers
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclasses.dataclass

@@ -26,14 +26,11 @@ from ..config import Config, dump_config
 from ..models.builder import wrap_ddp
 from ..training.checkpoint import save_checkpoint
 from ..training.optimizer import build_optimizer
+from ..training.optimizer_state import sub_optimizers
 
 FRESH_STEP = 1e-30  # see the module docstring
 
 MomentsFn = Callable[[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]
-
-
-def sub_optimizers(optimizer) -> List:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def fresh_optimizer_state_(optimizer) -> None:
