@@ -117,6 +117,8 @@ run "moe_layer mm1-3b-moe" 80 "$PY" $B/bench_moe_layer.py experts \
     --config configs/mm1-3b-moe.yaml --tokens 16384 --out "$OUT" "${SMOKE[@]}"
 run "step" 100 "$PY" $B/bench_step.py --out "$OUT" "${SMOKE[@]}"
 run "moe_kernels" 90 "$PY" $B/bench_moe_kernels.py --out "$OUT" "${SMOKE[@]}"
+# dynamo on for this step only (exported off above): it compares with torch.compile(rms_norm)
+run "rmsnorm" 60 env TORCHDYNAMO_DISABLE=0 "$PY" $B/bench_rmsnorm.py --out "$OUT" "${SMOKE[@]}"
 run "attention" 90 "$PY" $B/bench_attention.py --out "$OUT" "${SMOKE[@]}"
 run "data" 75 "$PY" $B/bench_data.py --out "$OUT" "${SMOKE[@]}"
 run "plots" 30 "$PY" $B/plot.py "$OUT"

@@ -13,6 +13,7 @@ like its module, ``router``/``dispatch``/``combine``, would shadow the module.)
   combine.py       weighted sum of each token's K expert rows (the inverse of dispatch)
   grouped_gemm.py  grouped GEMM over expert-sorted rows (gather on input, scale on output)
   experts.py       the fused SwiGLU expert MLP on grouped GEMMs, forward and backward
+  rmsnorm.py       fused RMSNorm forward and backward (fp32 statistics, no atomics)
   compile_check.py compile a kernel for sm90/sm80 without a GPU (shared memory, lowering)
 """
 

@@ -236,6 +236,12 @@ class TrainConfig:
     """Device peak for MFU; None looks the GPU up in a table (no MFU on CPU)."""
 
 
+# kernels.<kind>: auto -> what runs: ours on GPUs; on CPU the torch paths, since the interpreter
+# runs our kernels correctly but ~100x slower than torch there (measured in benchmarks/).
+AUTO_ON_GPU = {"attention": "triton", "moe": "triton", "norm": "triton"}
+AUTO_ON_CPU = {"attention": "sdpa", "moe": "torch", "norm": "torch"}
+
+
 @dataclass
 class KernelsConfig:
     attention: Literal["auto", "triton", "sdpa", "flash_attn", "local"] = "auto"
@@ -248,6 +254,11 @@ class KernelsConfig:
     """MoE router/dispatch/combine/expert GEMMs: our Triton kernels, or their plain-torch
     references; auto: triton on GPUs, torch on CPU (the interpreter runs the kernels correctly,
     as the tests check, but ~100x slower than torch)."""
+    norm: Literal["auto", "triton", "torch"] = "auto"
+    """The decoder's RMSNorms (input, pre-MLP, final): our fused Triton kernel (saves x and one
+    fp32 1/rms per row), or ``torch.nn.functional.rms_norm`` (on CPU it saves x and x / rms in
+    fp32 as well: 8D + 4 bytes per token); auto: triton on GPUs, torch on CPU (the interpreter
+    takes ~50 ms per 512 x 128 forward + backward, torch ~1 ms)."""
 
 
 @dataclass

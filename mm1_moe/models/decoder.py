@@ -19,7 +19,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -29,6 +28,7 @@ from ..config import Config
 from ..moe.layer import MoELayer
 from ..runtime.process import kernel_for
 from .attention import FlashAttnAttention, SDPAAttention, TritonAttention
+from .norm import RMSNorm
 
 CORE_ATTENTION = {"local": DotProductAttention, "triton": TritonAttention,
                   "sdpa": SDPAAttention, "flash_attn": FlashAttnAttention}
@@ -73,16 +73,21 @@ def moe_mlp_spec(config: Config) -> ModuleSpec:
     )
 
 
+def norm_spec(config: Config) -> ModuleSpec:
+    """The decoder's RMSNorm (``kernels.norm``: our fused kernel or torch's)."""
+    return ModuleSpec(module=RMSNorm, params={"kernel": kernel_for("norm", config.kernels.norm)})
+
+
 def decoder_layer_spec(config: Config, layer_index: int) -> ModuleSpec:
     """The spec of global decoder layer ``layer_index`` (dense or MoE FFN)."""
     moe_layer = config.model.decoder.is_moe_layer(layer_index)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=norm_spec(config),
             self_attention=attention_spec(config),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=norm_spec(config),
             mlp=moe_mlp_spec(config) if moe_layer else dense_mlp_spec(),
             mlp_bda=get_bias_dropout_add,
         ),
@@ -102,7 +107,7 @@ def stage_layer_indices(config: Config, pp_rank: int, vp_stage: Optional[int] = 
 def decoder_block_spec(config: Config, pp_rank: int, vp_stage: Optional[int] = None):
     """Per-layer specs of this stage's layers, so MoE and dense layers can alternate."""
     layers = [decoder_layer_spec(config, i) for i in stage_layer_indices(config, pp_rank, vp_stage)]
-    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=WrappedTorchNorm)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm_spec(config))
 
 
 def build_decoder(

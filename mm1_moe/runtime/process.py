@@ -18,15 +18,13 @@ from typing import Dict, Optional
 
 import torch
 
+from ..config.schema import AUTO_ON_CPU, AUTO_ON_GPU
 from .megatron_patches import BY_NAME, apply_patch
 
 _set_up = False
 
-# kernels.<kind>: auto -> what runs, decided once when the runtime starts (``initialize``):
-# ours on GPUs; on CPU the torch paths, since the interpreter runs our kernels correctly but
-# ~100x slower than torch there (measured in benchmarks/).
-AUTO_ON_GPU = {"attention": "triton", "moe": "triton"}
-AUTO_ON_CPU = {"attention": "sdpa", "moe": "torch"}
+# kernels.<kind>: auto -> what runs (the two maps live with the config schema, which the
+# torch-free memory planner reads too), decided once when the runtime starts (``initialize``).
 _auto: Optional[Dict[str, str]] = None
 
 

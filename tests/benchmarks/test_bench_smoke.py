@@ -11,8 +11,8 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abs
                      "benchmarks")
 
 
-@pytest.mark.parametrize("script", ["bench_moe_kernels.py", "bench_data.py", "bench_moe_layer.py",
-                                    "bench_step.py", "bench_cpu_threads.py"])
+@pytest.mark.parametrize("script", ["bench_moe_kernels.py", "bench_rmsnorm.py", "bench_data.py",
+                                    "bench_moe_layer.py", "bench_step.py", "bench_cpu_threads.py"])
 def test_benchmark_smoke(script):
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
     proc = subprocess.run([sys.executable, os.path.join(BENCH, script), "--smoke", "--no-csv"],
@@ -34,7 +34,7 @@ def test_gpu_suite_cpu_fallback(tmp_path):
     steps = (out / "steps.tsv").read_text() if (out / "steps.tsv").exists() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + steps
     assert "pytest gpu_only\tskipped (no GPU)" in steps
-    for name in ("moe_layer", "step", "moe_kernels", "attention", "data"):
+    for name in ("moe_layer", "step", "moe_kernels", "rmsnorm", "attention", "data"):
         assert (out / f"{name}.smoke.csv").exists(), name
     summary = (out / "summary.md").read_text()
     assert "Smoke run" in summary and "## moe_layer.smoke" in summary
