@@ -22,6 +22,7 @@ MODES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "step": ("bench_step.py", ()),
     "kernels": ("bench_moe_kernels.py", ()),
     "attention": ("bench_attention.py", ()),
+    "rmsnorm": ("bench_rmsnorm.py", ()),
     "data": ("bench_data.py", ()),
     "threads": ("bench_cpu_threads.py", ()),
     "plot": ("plot.py", ()),

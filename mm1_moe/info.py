@@ -29,12 +29,13 @@ Memory per GPU (bytes), Megatron-core with the distributed optimizer:
   Dense params are split by tp, experts by ep*etp (etp defaults to tp). Layers are split evenly
   over pp: the first stage also holds the embedding, ViT and connector, the last the output
   layer; the larger of the two is reported (virtual pipelining is ignored).
-  Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-  Models", no recomputation, bf16): per layer s*b*h*(34 + 5*a*s/h) bytes, divided by tp with
-  sequence parallelism, else s*b*h*(10 + 24/tp + 5*a*s/(h*tp)); times the stage's layers times
-  pp micro-batches in flight on the first stage under 1F1B (1 on the last). The same formula is
-  applied to MoE layers (an approximation) and, separately, to the ViT (s = P+1, b = images per
-  micro-batch), which is skipped when the ViT is frozen. Logits are not counted.
+  Activations: the bytes autograd saves for the backward, by the formulas of
+  ``mm1_moe.activations`` (measured term by term, checked within 10% of the saves a forward
+  really makes: tests/unit/test_activation_memory.py), for ``train.dtype`` and
+  ``train.recompute``; times pp micro-batches in flight on the first stage under 1F1B (1 on the
+  last). The first stage adds the ViT + connector (per micro-batch's images; nothing when both
+  are frozen), the last the final norm and the loss's fp32 softmax. With full recomputation the
+  backward reruns one group at a time: ``recompute_peak`` is the largest group's bytes, once.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .activations import connector_bytes, decoder_stage_bytes, vision_bytes
 from .config.schema import Config, ConnectorConfig, DecoderConfig, VisionConfig
 
 GIB = float(2**30)
@@ -188,28 +190,24 @@ class MemoryBreakdown:
     grads: int
     optimizer: int
     activations: int
+    """Decoder layers, embedding and loss, times the micro-batches in flight."""
     vision_activations: int
+    recompute_peak: int
+    """Bytes a recomputed group holds while its backward runs (train.recompute=full)."""
     stage: str
 
     @property
     def total(self) -> int:
         return self.weights + self.grads + self.optimizer + self.activations + \
-            self.vision_activations
+            self.vision_activations + self.recompute_peak
 
     def as_dict(self) -> Dict[str, object]:
         return {**asdict(self), "total": self.total}
 
     def gib(self) -> Dict[str, float]:
-        parts = ("weights", "grads", "optimizer", "activations", "vision_activations", "total")
+        parts = ("weights", "grads", "optimizer", "activations", "vision_activations",
+                 "recompute_peak", "total")
         return {k: getattr(self, k) / GIB for k in parts}
-
-
-def activation_bytes_per_layer(s: int, b: int, h: int, a: int, tp: int = 1,
-                               sequence_parallel: bool = False) -> float:
-    """Korthikanti et al. 2022, eq. 2-4: bytes of one transformer layer, no recomputation."""
-    if sequence_parallel:
-        return s * b * h * (34 + 5 * a * s / h) / tp
-    return s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
 
 
 def _stage_shard(config: Config, layers: range, first: bool, last: bool, tp: int,
@@ -245,19 +243,19 @@ def resolve_layout(config: Config, tp: Optional[int] = None, pp: Optional[int] =
     return {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "etp": etp,
             "edp": max(1.0, dp * tp / (ep * etp)), "sequence_parallel": par.sequence_parallel
             and tp > 1, "micro_batch_size": config.train.micro_batch_size,
-            "seq_length": config.data.seq_length}
+            "seq_length": config.data.seq_length, "dtype": config.train.dtype,
+            "recompute": config.train.recompute}
 
 
-def _activations(config: Config, tp: int, sp: bool) -> Tuple[float, float]:
-    """Bytes of one decoder layer and of the whole ViT (0 if frozen) for one micro-batch."""
-    dec, vis, b = config.model.decoder, config.model.vision, config.train.micro_batch_size
-    layer = activation_bytes_per_layer(config.data.seq_length, b, dec.hidden_size,
-                                       dec.num_attention_heads, tp, sp)
-    if vis.freeze:
-        return layer, 0.0
-    images = b * config.data.max_images_per_sequence
-    return layer, vis.depth * activation_bytes_per_layer(
-        vis.num_patches + 1, images, vis.width, vis.num_heads, tp, sp)
+def _vision_activations(config: Config, tp: int) -> float:
+    """ViT + connector bytes of one micro-batch's images (0 when both are frozen)."""
+    m = config.model
+    images = config.train.micro_batch_size * config.data.max_images_per_sequence
+    if m.image_token_id is None or not images:
+        return 0.0
+    if m.vision.freeze:
+        return 0.0 if m.connector.freeze else connector_bytes(config, images)
+    return vision_bytes(config, images, tp).total
 
 
 def memory_per_gpu(config: Config, tp: Optional[int] = None, pp: Optional[int] = None,
@@ -268,7 +266,7 @@ def memory_per_gpu(config: Config, tp: Optional[int] = None, pp: Optional[int] =
     tp, pp, dp, edp = lay["tp"], lay["pp"], lay["dp"], lay["edp"]
     w_bytes, o_bytes = (4, 8) if config.train.dtype == "fp32" else (2, 12)
     g_bytes = 2 if config.train.dtype == "bf16" and not config.train.grad_reduce_in_fp32 else 4
-    layer_act, vis_act = _activations(config, tp, lay["sequence_parallel"])
+    vis_act = _vision_activations(config, tp)
     n = config.model.decoder.num_layers
     per = n // pp
     stages = [("first", range(0, per), True, pp == 1, pp)]
@@ -277,12 +275,15 @@ def memory_per_gpu(config: Config, tp: Optional[int] = None, pp: Optional[int] =
     mems = []
     for name, layers, first, last, in_flight in stages:
         sh = _stage_shard(config, layers, first, last, tp, lay["ep"] * lay["etp"])
+        act = decoder_stage_bytes(config, layers, first, last, tp, lay["sequence_parallel"],
+                                  lay["ep"])
         mems.append(MemoryBreakdown(
             weights=int(sum(sh.values()) * w_bytes),
             grads=int((sh["dense_train"] + sh["expert_train"]) * g_bytes),
             optimizer=int(o_bytes * (sh["dense_train"] / dp + sh["expert_train"] / edp)),
-            activations=int(layer_act * len(layers) * in_flight),
+            activations=int((act.layers + act.embedding_and_loss) * in_flight),
             vision_activations=int(vis_act * in_flight) if first else 0,
+            recompute_peak=int(act.recompute_peak),
             stage=name))
     return max(mems, key=lambda m: m.total)
 
@@ -335,8 +336,12 @@ def format_report(report: Dict[str, object]) -> str:
                        ("training_total", "training GFLOPs/token with images")):
         rows.append((label, _gflops(fl[key])))
     layout = ", ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "ep", "dp"))
-    rows.append((f"memory per GPU ({layout}; {mem['stage']} stage)", ""))
-    for key in ("weights", "grads", "optimizer", "activations", "vision_activations", "total"):
+    if lay.get("sequence_parallel"):
+        layout += ", sequence parallel"
+    rows.append((f"memory per GPU ({layout}; {lay.get('dtype')}, recompute "
+                 f"{lay.get('recompute')}; {mem['stage']} stage)", ""))
+    for key in ("weights", "grads", "optimizer", "activations", "vision_activations",
+                "recompute_peak", "total"):
         rows.append((f"  {key}", _gib(mem[key])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -9,7 +9,6 @@ import pytest
 
 from mm1_moe.config import ConnectorConfig, VisionConfig, load_config
 from mm1_moe.info import (
-    activation_bytes_per_layer,
     connector_params,
     decoder_flops_per_token,
     family_table,
@@ -159,14 +158,6 @@ def test_memory_ep_splits_experts() -> None:
     p = param_counts(cfg)
     one, eight = memory_per_gpu(cfg, 1, 1, 1, 8), memory_per_gpu(cfg, 1, 1, 8, 8)
     assert one.weights - eight.weights == pytest.approx(2 * p.experts * 7 / 8, rel=1e-6)
-
-
-def test_korthikanti_activations() -> None:
-    s, b, h, a = 4096, 1, 4096, 32
-    assert activation_bytes_per_layer(s, b, h, a) == s * b * h * (34 + 5 * a * s / h)
-    assert activation_bytes_per_layer(s, b, h, a, 8, True) == s * b * h * (34 + 5 * a * s / h) / 8
-    no_sp = s * b * h * (10 + 24 / 8 + 5 * a * s / (h * 8))
-    assert activation_bytes_per_layer(s, b, h, a, 8) == pytest.approx(no_sp)
 
 
 def test_report_keys_and_format() -> None:
