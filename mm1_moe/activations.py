@@ -26,7 +26,10 @@ hd head dim, F FFN width, all per tensor-parallel rank where Megatron splits the
   MoE FFN  after the norm: the router's fp32 input (4D) and, in bf16, the experts' input (D p);
            router: logits 4E, log-sum-exp 4, ids and weights 8K; the sort index 8K; the experts'
            gather index and row scale 8K and the fc1 output K * 2F_e p (recomputed in the
-           backward under selective). EP > 1 (all-to-all) or ``fuse_dispatch=False``: the
+           backward under selective). At TP > 1 each TP rank's experts take S/tp of the tokens
+           (moe/sequence_parallel.py) while every rank routes all of them (gathered logits);
+           without sequence parallelism the slices are views of the whole norm output, which
+           stays kept (D p per token of the full sequence). EP > 1 (all-to-all) or ``fuse_dispatch=False``: the
            dispatched rows K D p replace the gather, and combine keeps the expert outputs K D p.
 Recompute:
   selective  core attention reruns: its log-sum-exp is not kept (q, k, v are the checkpoint's
@@ -125,9 +128,15 @@ def decoder_layer_bytes(config: Config, moe_layer: bool, tp: int = 1, sp: bool =
         return LayerBytes(norms, attn, ffn)
     moe = dec.moe
     f_e, k, e = moe.expert_ffn_hidden_size or dec.ffn_hidden_size, moe.top_k, moe.num_experts
-    tokens = T / seq_split  # tokens this rank routes (all of them on every TP rank without SP)
-    norms += tokens * (norm_keep + 4 * D + (D * p if p != 4 else 0))
-    ffn = tokens * (4 * e + 4 + 8 * k + 8 * k + 8 * k)
+    tokens = T / tp  # tokens this rank's experts take: TP ranks split the sequence at the MoE
+    norms += T * norm_keep / seq_split
+    if sp or tp == 1:  # the router's fp32 input, and in bf16 the experts' input
+        norms += tokens * (4 * D + (D * p if p != FP32 else 0))
+    else:  # split at the MoE's input: the slices are views of the replicated norm output
+        norms += T * D * p + (tokens * 4 * D if p != FP32 else 0)
+    # router (every TP rank routes all tokens from the gathered logits): logits 4E, lse 4,
+    # ids and weights 8K; then this rank's tokens: sort index, gather index and row scale
+    ffn = T * (4 * e + 4 + 8 * k) + tokens * 16 * k
     if ep > 1 or not fuse_dispatch:
         ffn += tokens * 2 * k * D * p
     if not selective:

@@ -7,7 +7,7 @@
 # Layouts that fit (check with `mm1-moe info --config <yaml> --tp T --pp P --ep E --dp D`):
 #   mm1-30b      TP 8, PP 4, sequence parallel      (~28B: weights+grads+optimizer+activations)
 #   mm1-3b-moe   TP 1, PP 2, EP 8                   (64 experts, every 2nd layer)
-#   mm1-7b-moe   TP 2, PP 2, EP 8                   (32 experts, every 4th layer)
+#   mm1-7b-moe   TP 2, PP 2, EP 8, sequence parallel (32 experts, every 4th layer)
 # The data-parallel size is what is left: world size / (TP x PP).
 #SBATCH --job-name=mm1-moe
 #SBATCH --ntasks-per-node=1

@@ -168,6 +168,13 @@ def _check_parallel(config: Config, errors: List[str]) -> bool:
     if par.expert_tensor_parallel != 1:
         errors.append(f"parallel.expert_tensor_parallel ({par.expert_tensor_parallel}) must be 1: "
                       "the MoE layer keeps whole experts on each rank")
+    split = par.sequence_parallel or config.model.decoder.moe.enabled
+    if ok and par.tensor_parallel > 1 and split and config.data.seq_length % par.tensor_parallel:
+        why = ("sequence parallelism splits" if par.sequence_parallel
+               else "the MoE layers split")
+        errors.append(f"data.seq_length ({config.data.seq_length}) must be divisible by "
+                      f"parallel.tensor_parallel ({par.tensor_parallel}): {why} the sequence "
+                      "over the tensor-parallel ranks")
     return ok
 
 

@@ -16,19 +16,14 @@ from ..models.param_init import ParamInit, normal
 from .backend import MoEOps
 
 
-def _scale_grad(factor: float):
-    return lambda grad: grad * factor
-
-
 class GroupedSwiGLUExperts(torch.nn.Module):
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
                  ops: MoEOps, params_dtype: torch.dtype = torch.float32, init_std: float = 0.02,
                  num_layers: int = 1, ep_rank: int = 0, ep_size: int = 1,
-                 duplicate_factor: int = 1, recompute_activation: bool = False):
-        """``duplicate_factor``: how many ranks of one expert-data-parallel group hold the same
-        tokens. Without sequence parallelism every tensor-parallel rank routes the same tokens,
-        and Megatron's DDP sums expert grads over a group that counts each token that many
-        times (it scales by 1 / data-parallel size only): the hook divides it back out.
+                 recompute_activation: bool = False):
+        """Each rank of an expert-data-parallel group computes its experts on different tokens
+        (tensor-parallel ranks split the sequence at the MoE, moe/sequence_parallel.py), so
+        Megatron's DDP sum over that group is the whole batch's gradient.
         ``recompute_activation`` (train.recompute=selective): fc1 and the SwiGLU rerun in the
         backward instead of keeping gate_up_NF2 (the ops' ``recompute_fc1``)."""
         super().__init__()
@@ -49,8 +44,6 @@ class GroupedSwiGLUExperts(torch.nn.Module):
             # Not a copy of another tensor-parallel rank's tensor (each holds its own experts):
             # without this, Megatron's grad norm skips the experts of TP ranks other than 0.
             set_tensor_model_parallel_attributes(p, True, 0, 1)
-            if duplicate_factor > 1:
-                p.register_hook(_scale_grad(1.0 / duplicate_factor))
 
     def param_init(self, name: str) -> ParamInit:
         """How ``name`` (w1 or w2) is initialised (``mm1_moe.models.param_init``)."""

@@ -14,14 +14,24 @@ the default): the experts read x_TD through the sort and apply the routing weigh
 sums unweighted. ``fuse_dispatch=False`` keeps the copy-then-weighted-combine path
 (``LocalDispatcher``), the fused path's baseline in tests and benchmarks. EP > 1 always copies
 (rows must be contiguous per destination rank for the all-to-all).
+
+Under tensor parallelism each TP rank routes and computes only its S/tp of the tokens
+(``sequence_parallel.py``): with sequence parallelism they arrive split; without it the layer
+takes its slice at the input and gathers its output. Routing itself is one process's over all
+tokens (gathered logits), so the losses and statistics do not depend on the layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -30,6 +40,7 @@ from .backend import RouterOutput, moe_ops
 from .dispatcher import AllToAllDispatcher, DispatchState, GatherDispatcher, LocalDispatcher
 from .experts import GroupedSwiGLUExperts
 from .router import TopKRouter
+from .sequence_parallel import gather_rows, local_token_mask, rank_rows, rank_sizes
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -109,10 +120,23 @@ class MoELayer(MegatronModule):
         ops = moe_ops(kernels)
         ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
         self.router = TopKRouter(config.hidden_size, moe, ops, torch.float32, config.init_method_std)
+        # Tensor parallelism: each TP rank routes and computes only its S/tp tokens
+        # (moe/sequence_parallel.py), so the router weight's grad is partial per TP rank. With
+        # sequence parallelism the tokens arrive split and Megatron sums that grad over TP (the
+        # sequence_parallel attribute); without it the layer splits them itself at its input
+        # and gathers its output, and sums the router grad in the backward (Megatron sums
+        # sequence_parallel-tagged grads only when sequence parallelism is on).
+        self.sp_group, self.split_at_boundary = None, False
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            self.sp_group = ps.get_tensor_model_parallel_group()
+            self.split_at_boundary = not config.sequence_parallel
+            if config.sequence_parallel:
+                setattr(self.router.weight, "sequence_parallel", True)
+            else:
+                self.router.weight_grad_group = self.sp_group
         self.experts = GroupedSwiGLUExperts(
             moe.num_experts // ep, config.hidden_size, ffn_hidden_size or config.ffn_hidden_size,
             ops, config.params_dtype, config.init_method_std, config.num_layers, ep_rank, ep,
-            duplicate_factor=1 if config.sequence_parallel else config.tensor_model_parallel_size,
             recompute_activation=recompute_activation)
         if ep > 1:
             self.dispatcher = AllToAllDispatcher(moe.num_experts, ops,
@@ -129,7 +153,24 @@ class MoELayer(MegatronModule):
 
     # --- the four stages -------------------------------------------------------------------
     def route(self, x_TD: torch.Tensor, token_mask_T: Optional[torch.Tensor]) -> RouterOutput:
-        return self.router(x_TD, token_mask_T)
+        """Routing of this rank's tokens. Under sequence parallelism the per-token fields
+        (weights, ids, counts) are this rank's and the losses and statistics are those of all
+        the TP group's tokens, exactly as one process would route them."""
+        if self.sp_group is None:
+            return self.router(x_TD, token_mask_T)
+        sizes = [x_TD.shape[0]] * self.sp_group.size()
+        if self.moe.masked_tokens == "pass_through" and token_mask_T is None:
+            sizes = rank_sizes(x_TD.shape[0], self.sp_group, x_TD.device)  # kept tokens differ
+        rows = rank_rows(sizes, self.sp_group)
+        logits_TE = gather_rows(self.router.logits(x_TD, rows, sum(sizes)), sizes, self.sp_group)
+        if token_mask_T is not None:
+            token_mask_T = gather_rows(token_mask_T, sizes, self.sp_group)
+        route = self.router.ops.router(logits_TE, self.router.top_k, self.router.order,
+                                       self.router.normalize, token_mask_T)
+        ids_TK = route.ids_TK[rows]
+        counts_E = torch.bincount(ids_TK.reshape(-1).long(), minlength=self.moe.num_experts)
+        return dataclasses.replace(route, weights_TK=route.weights_TK[rows], ids_TK=ids_TK,
+                                   counts_E=counts_E.to(torch.int32))
 
     def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> Tuple[torch.Tensor, DispatchState]:
         return self.dispatcher.dispatch(x_TD, route)
@@ -144,11 +185,27 @@ class MoELayer(MegatronModule):
     # ---------------------------------------------------------------------------------------
     def forward(self, hidden_SBD: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 **_unused):
+        if self.split_at_boundary:  # every TP rank holds all tokens: keep this rank's S/tp
+            if hidden_SBD.shape[0] % self.sp_group.size():
+                raise ValueError(f"MoE under tensor parallelism splits the sequence: length "
+                                 f"{hidden_SBD.shape[0]} is not divisible by "
+                                 f"{self.sp_group.size()} tensor-parallel ranks")
+            out_SBD, bias = self._forward(
+                scatter_to_sequence_parallel_region(hidden_SBD, group=self.sp_group), padding_mask)
+            # Backward: this rank's rows of the gradient (every rank computed the same after
+            # the MoE), not a reduce-scatter.
+            return gather_from_sequence_parallel_region(
+                out_SBD, tensor_parallel_output_grad=False, group=self.sp_group), bias
+        return self._forward(hidden_SBD, padding_mask)
+
+    def _forward(self, hidden_SBD: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
         token_mask_T = None
         if padding_mask is not None:  # [B, S], True = a real token; tokens are S-major
             token_mask_T = padding_mask.transpose(0, 1).reshape(-1).bool()
+            if self.sp_group is not None:  # the mask covers the whole sequence
+                token_mask_T = local_token_mask(token_mask_T, S * B, self.sp_group)
         if token_mask_T is not None and self.moe.masked_tokens == "pass_through":
             keep_T = token_mask_T.nonzero().squeeze(1)  # one sync: the kept count sizes rows
             out_TD = torch.zeros_like(x_TD).index_copy(0, keep_T, self._moe(x_TD[keep_T], None))
@@ -166,8 +223,18 @@ class MoELayer(MegatronModule):
         if self.training and aux.requires_grad:
             out_TD = AuxLossInjector.apply(out_TD, aux, float(self.aux_loss_scale))
         if not _recomputing():  # full recompute reruns this forward in the backward: count once
-            self.metrics.add(route, state.meta.num_dropped)
+            self.metrics.add(route, self._dropped(state.meta.num_dropped))
         return out_TD
+
+    def _dropped(self, dropped_here: int) -> int:
+        """Slots the capacity limit dropped, over the TP group's tokens under sequence
+        parallelism (each rank drops from its own tokens)."""
+        if self.sp_group is None or self.moe.capacity_factor is None:
+            return dropped_here
+        total = torch.tensor([int(dropped_here)], dtype=torch.int64,
+                             device=self.router.weight.device)
+        torch.distributed.all_reduce(total, group=self.sp_group)
+        return int(total)
 
 
 def _recomputing() -> bool:

@@ -29,16 +29,30 @@ class TopKRouter(torch.nn.Module):
                                                      dtype=params_dtype))
         self._inits = {"weight": normal(init_std)}
         self._inits["weight"].init_(self.weight)
+        self.weight_grad_group = None
+        """A process group over which the weight's grad is summed in the backward (set by the
+        MoE layer when tensor-parallel ranks route different tokens without sequence
+        parallelism); None: Megatron reduces it."""
 
     def param_init(self, name: str) -> ParamInit:
         """How ``weight`` is initialised (``mm1_moe.models.param_init``)."""
         return self._inits[name]
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def logits(self, x_TD: torch.Tensor, noise_rows: Optional[slice] = None,
+               noise_tokens: Optional[int] = None) -> torch.Tensor:
+        """``noise_rows`` / ``noise_tokens`` (sequence parallelism): this rank's rows of the jitter
+        drawn for all ``noise_tokens`` tokens, so every rank draws what one process would."""
         if self.training and self.jitter > 0:  # Switch Transformer's multiplicative jitter
-            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            x_TD = x_TD * noise
-        return x_TD.float() @ self.weight.float().t()
+            shape = x_TD.shape if noise_rows is None else (noise_tokens, x_TD.shape[1])
+            noise = torch.empty(shape, dtype=x_TD.dtype, device=x_TD.device).uniform_(
+                1.0 - self.jitter, 1.0 + self.jitter)
+            x_TD = x_TD * (noise if noise_rows is None else noise[noise_rows])
+        weight = self.weight
+        if self.weight_grad_group is not None:
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.weight_grad_group)
+        return x_TD.float() @ weight.float().t()
 
     def forward(self, x_TD: torch.Tensor,
                 token_mask_T: Optional[torch.Tensor] = None) -> RouterOutput:

@@ -7,7 +7,8 @@ as a single process for the baseline and under ``torch.distributed.run`` for eac
 
 The output path is ``--out`` or the environment variable ``MM1_RESULT``; the JSON object holds
 ``losses``, ``grad_norms``, ``lrs`` and ``moe`` (each MoE layer's routing statistics on logging
-steps), one entry per step.
+steps), one entry per step, and ``expert_rows``: the rows this rank's experts computed over the
+run (every rank writes its own count to ``<out>.rank<R>``; the JSON holds rank 0's).
 """
 
 from __future__ import annotations
@@ -37,15 +38,33 @@ def main(argv=None) -> int:
     from mm1_moe.config import load_config
     from mm1_moe.training.loop import train
 
+    import torch
+    from mm1_moe.moe.experts import GroupedSwiGLUExperts
+
+    rows = [0]
+
+    def count_rows(module, inputs, output):
+        if isinstance(module, GroupedSwiGLUExperts):
+            rows[0] += int(inputs[1][-1])  # offsets_e1[-1]: the rows handed to the experts
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count_rows)
     config = load_config(args.config, args.overrides)
-    result = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:
+    try:
+        result = train(config)
+    finally:
+        hook.remove()
+    rank = int(os.environ.get("RANK", "0"))
+    if args.out:
+        with open(f"{args.out}.rank{rank}", "w", encoding="utf-8") as handle:
+            handle.write(str(rows[0]))
+    if rank == 0:
         payload = {
             "losses": result.losses,
             "grad_norms": [s.grad_norm for s in result.steps],
             "lrs": [s.lr for s in result.steps],
             # per step: {layer number: routing statistics} (logging steps only)
             "moe": [{str(k): v for k, v in s.moe.items()} for s in result.steps],
+            "expert_rows": rows[0],
         }
         text = json.dumps(payload)
         if args.out:

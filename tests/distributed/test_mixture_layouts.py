@@ -56,3 +56,22 @@ def test_mixture_layout_matches_single_process(nproc, overrides, single, tmp_pat
     assert got["grad_norms"] == pytest.approx(single["grad_norms"], rel=RTOL, abs=ATOL)
     _assert_same_moe(got["moe"], single["moe"])
     assert any(stats["dropped"] > 0 for step in single["moe"] for stats in step.values())
+
+
+# Under tensor parallelism each rank applies the capacity to its own tokens (as Megatron-core
+# does), so drops can differ from one process's: this layout runs dropless, with image
+# placeholders passed through (the MoE skips them; the kept tokens differ per TP rank).
+DROPLESS = [f"train.steps={STEPS}", "train.log_interval=1", "data.seq_length=128",
+            "train.micro_batch_size=2", "train.global_batch_size=8",
+            "model.decoder.moe.masked_tokens=pass_through"]
+
+
+def test_sequence_parallel_mixture_matches_single_process(tmp_path):
+    single = _run(train_cmd(1, DROPLESS, tmp_path / "one", CONFIG), tmp_path / "one.json",
+                  "single-process MM1 mixture baseline, dropless, pass-through")
+    got = _run(train_cmd(2, [*DROPLESS, "parallel.tensor_parallel=2",
+                             "parallel.sequence_parallel=true"], tmp_path / "run", CONFIG),
+               tmp_path / "result.json", "2 ranks TP2 + sequence parallelism")
+    assert got["losses"] == pytest.approx(single["losses"], rel=RTOL, abs=ATOL)
+    assert got["grad_norms"] == pytest.approx(single["grad_norms"], rel=RTOL, abs=ATOL)
+    _assert_same_moe(got["moe"], single["moe"])

@@ -34,6 +34,10 @@ LAYOUTS = [
     pytest.param(["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"],
                  id="pp2-vpp2-interleaved"),
     pytest.param(["parallel.tensor_parallel=2"], id="tp2-vit-and-decoder-sharded"),
+    # image rows spliced before the scatter to the sequence-parallel region; the norms' and
+    # routers' partial grads summed over TP (their sequence_parallel attribute)
+    pytest.param(["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+                 id="tp2-sequence-parallel"),
 ]
 
 
