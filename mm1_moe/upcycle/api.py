@@ -27,7 +27,7 @@ import torch
 from ..config import Config, dump_config, validate
 from ..models.builder import build_model_chunks
 from ..models.init import fill_from_global_
-from ..runtime import initialize, needs_cpu_runtime, shutdown
+from ..runtime import initialize, shutdown
 from ..training.checkpoint import complete_checkpoints
 from .carry import carried_state_fn, read_dense_optimizer
 from .convert import (
@@ -48,7 +48,7 @@ from .source import (
     resolve_source,
     single_process_config,
 )
-from .verify import compare
+from .verify import BF16_RTOL, compare
 
 REPORT = "upcycle.json"
 
@@ -74,17 +74,22 @@ class UpcycleReport:
     optimizer: str  # "fresh" or "carried"
     exact_expected: bool
     notes: List[str] = field(default_factory=list)
+    drop_ratio: float = 0.0
     verified: bool = False
     max_abs_diff: Optional[float] = None
     max_abs_logit: Optional[float] = None
     tolerance: Optional[float] = None
+    bf16_max_abs_diff: Optional[float] = None
+    """bf16 MoE config: the saved bf16 MoE model against the dense one cast to bf16."""
+    bf16_tolerance: Optional[float] = None
 
     @property
     def preserved(self) -> Optional[bool]:
         """Logits within the fp32 tolerance (None when not verified)."""
         if not self.verified:
             return None
-        return self.max_abs_diff <= self.tolerance
+        bf16_ok = self.bf16_max_abs_diff is None or self.bf16_max_abs_diff <= self.bf16_tolerance
+        return self.max_abs_diff <= self.tolerance and bf16_ok
 
     @property
     def ok(self) -> bool:
@@ -96,7 +101,8 @@ class UpcycleReport:
     def summary(self) -> str:
         lines = [f"upcycled {self.source} ({self.source_kind}): MoE layers {self.moe_layers}, "
                  f"{self.num_experts} experts top-{self.top_k}, granularity {self.granularity}, "
-                 f"router {self.router_init}, expert w2 x {self.w2_scale:g}, optimizer "
+                 f"router {self.router_init}, expert w2 x {self.w2_scale:g}, "
+                 f"drop ratio {self.drop_ratio:g}, optimizer "
                  f"{self.optimizer}; {self.tensors_copied} tensors copied, "
                  f"{self.tensors_upcycled} built"]
         if self.verified:
@@ -105,6 +111,10 @@ class UpcycleReport:
             lines.append(f"function check: max |logits MoE - dense| = {self.max_abs_diff:.3g} "
                          f"(tolerance {self.tolerance:.3g}, max |logit| {self.max_abs_logit:.3g}): "
                          f"{verdict}")
+            if self.bf16_max_abs_diff is not None:
+                lines.append(f"bf16 check: max |logits MoE - dense| = {self.bf16_max_abs_diff:.3g} "
+                             f"(tolerance {self.bf16_tolerance:.3g}: {BF16_RTOL:g} x max |logit|, "
+                             "both models in bf16)")
         else:
             lines.append("function check: skipped")
         lines += [f"note: {n}" for n in self.notes]
@@ -128,7 +138,7 @@ def _check_single_process() -> None:
 
 def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: str = "zero",
             router_std: float = 0.02, granularity: int = 1, scale_weights: bool = True,
-            verify: bool = True, carry_optimizer: bool = False,
+            verify: bool = True, carry_optimizer: bool = False, drop_ratio: float = 0.0,
             log: Optional[Callable[[str], None]] = None) -> UpcycleReport:
     """Upcycle ``dense_source`` into ``moe_config``'s MoE decoder and save it under ``out_dir``.
 
@@ -144,12 +154,14 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
             (G with normalized top-k, E G / K with un-normalized softmax_topk).
         verify: compare logits on a sample batch; a failure writes no checkpoint.
         carry_optimizer: start Adam from the dense checkpoint's moments (see ``carry.py``).
+        drop_ratio: Drop-Upcycling, the fraction of each expert's intermediate units
+            re-initialised (0: plain copies; see ``convert.py``).
     Starts and tears down its own one-process runtime, as ``training.loop.train`` does.
     """
     say = log or (lambda _msg: None)
     source, plan, dense_cfg, hf_tensors = _prepare(dense_source, moe_config, out_dir, granularity,
                                                    router_init, router_std, scale_weights,
-                                                   carry_optimizer)
+                                                   carry_optimizer, drop_ratio)
     work = single_process_config(moe_config, "fp32")
     runtime = initialize(work)
     try:
@@ -169,19 +181,39 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
             report.verified = True
             report.max_abs_diff, report.max_abs_logit = check.max_abs_diff, check.max_abs_logit
             report.tolerance = check.tolerance
+        saved_chunks = moe_chunks
+        if moe_config.train.dtype != "fp32":  # the checkpoint's own dtype: build and fill it
+            saved_chunks = _filled(moe_config, moe_state, runtime)
+            if verify:
+                say(f"comparing again with both models in {moe_config.train.dtype}")
+                low = compare(_filled(dense_cfg, dense_state, runtime, moe_config.train.dtype),
+                              saved_chunks,
+                              single_process_config(moe_config, moe_config.train.dtype),
+                              runtime.device, rtol=BF16_RTOL, atol=0.0)
+                report.bf16_max_abs_diff, report.bf16_tolerance = low.max_abs_diff, low.tolerance
         del dense_chunks
         if report.ok:
             set_carried = carried_state_fn(moments, plan) if moments else None
-            report.checkpoint = _save(moe_config, moe_chunks, moe_state, out_dir, runtime,
-                                      set_carried)
+            report.checkpoint = _save(moe_config, saved_chunks, out_dir, set_carried)
         _write_report(report, out_dir)
         return report
     finally:
         shutdown()
 
 
+def _filled(config: Config, state: Dict[str, torch.Tensor], runtime,
+            dtype: Optional[str] = None) -> List[torch.nn.Module]:
+    """Single-process chunks of ``config`` in ``dtype`` (default its own), every tensor from
+    ``state``."""
+    chunks = build_model_chunks(single_process_config(config, dtype or config.train.dtype),
+                                on_cpu=runtime.cpu_compat)
+    _fill_(chunks, state)
+    return chunks
+
+
 def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: int,
-             router_init: str, router_std: float, scale_weights: bool, carry_optimizer: bool):
+             router_init: str, router_std: float, scale_weights: bool, carry_optimizer: bool,
+             drop_ratio: float = 0.0):
     """Every check that needs no model: (source, plan, dense config, and a Hugging Face folder's
     tensors, else None). Raises UpcycleError or InteropError."""
     _check_single_process()
@@ -190,15 +222,19 @@ def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: i
         raise UpcycleError(f"carry_optimizer needs an mm1-moe checkpoint with optimizer state; "
                            f"{source.path} is a {source.kind} folder")
     validate(moe_config)
-    plan = make_plan(moe_config, granularity, router_init, router_std, scale_weights)
+    plan = make_plan(moe_config, granularity, router_init, router_std, scale_weights, drop_ratio)
+    if carry_optimizer and plan.dropped_units:
+        raise UpcycleError(f"carry_optimizer with drop_ratio {drop_ratio:g}: the dense Adam "
+                           "moments describe the weights Drop-Upcycling replaces; start the "
+                           "optimizer fresh (drop --carry-optimizer) or use drop ratio 0")
     _check_out_dir(out_dir)
     dense_cfg = dense_config(source, moe_config)
+    if carry_optimizer and dense_cfg.train.dtype != moe_config.train.dtype:
+        raise UpcycleError(f"carry_optimizer: the dense run trained with train.dtype="
+                           f"{dense_cfg.train.dtype} and the MoE config has "
+                           f"{moe_config.train.dtype}; Adam's state does not convert between "
+                           f"them: set train.dtype={dense_cfg.train.dtype}, or start fresh")
     check_same_decoder(dense_cfg.model.decoder, moe_config.model.decoder, source.path)
-    if moe_config.train.dtype != "fp32" and needs_cpu_runtime():
-        raise UpcycleError(f"train.dtype ({moe_config.train.dtype}): upcycling without a GPU "
-                           "writes fp32 checkpoints only (bf16 conversion on CPU is not built "
-                           "yet), and a run cannot change dtype on resume. Set "
-                           "train.dtype=fp32, or upcycle on a GPU machine")
     # A Hugging Face folder is read and checked tensor by tensor now, before the runtime starts
     # and both models are built: a missing or mis-shaped tensor fails before that work
     hf_tensors = read_hf_llama(source.path, dense_cfg) if source.kind == "huggingface" else None
@@ -211,8 +247,14 @@ def _read_dense(source: DenseSource, dense_cfg: Config, runtime, carry_optimizer
     tensors ``_prepare`` read), and (carry_optimizer) the dense run's Adam moments."""
     work = single_process_config(dense_cfg, "fp32")
     chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
-    if carry_optimizer:
-        return chunks, read_dense_optimizer(work, chunks, source.path)
+    if carry_optimizer:  # the optimizer loads only into the dtype it was saved from
+        own = single_process_config(dense_cfg, dense_cfg.train.dtype)
+        own_chunks = chunks if own.train.dtype == "fp32" else build_model_chunks(
+            own, on_cpu=runtime.cpu_compat)
+        moments = read_dense_optimizer(own, own_chunks, source.path)
+        if own_chunks is not chunks:  # fp32 copies of the bf16 weights, for the fp32 check
+            _fill_(chunks, global_state_dict(own_chunks))
+        return chunks, moments
     load_source_(chunks, source, work, hf_tensors)
     return chunks, None
 
@@ -227,7 +269,8 @@ def _new_report(source: DenseSource, out_dir: str, plan: UpcyclePlan, moe_config
         plan.granularity, plan.router_init, plan.w2_scale,
         tensors_copied=len(set(dense_state) & set(moe_state)),
         tensors_upcycled=len(set(moe_state) - set(dense_state)),
-        optimizer="carried" if carry_optimizer else "fresh", exact_expected=exact, notes=notes)
+        optimizer="carried" if carry_optimizer else "fresh", exact_expected=exact, notes=notes,
+        drop_ratio=plan.drop_ratio)
 
 
 def _fill_(chunks: List[torch.nn.Module], state: Dict[str, torch.Tensor]) -> None:
@@ -250,12 +293,10 @@ def _fill_(chunks: List[torch.nn.Module], state: Dict[str, torch.Tensor]) -> Non
         raise UpcycleError(f"dense tensors with no place in the MoE model: {unused[:8]}")
 
 
-def _save(moe_config: Config, chunks, state, out_dir: str, runtime, set_carried) -> str:
-    """Step-0 checkpoint in the MoE config's dtype (the optimizer's format depends on it)."""
+def _save(moe_config: Config, chunks, out_dir: str, set_carried) -> str:
+    """Step-0 checkpoint in the MoE config's dtype (the optimizer's format depends on it);
+    ``chunks`` are in that dtype."""
     save_cfg = single_process_config(moe_config, moe_config.train.dtype)
-    if save_cfg.train.dtype != "fp32":  # the verified chunks are fp32: build the dtype's own
-        chunks = build_model_chunks(save_cfg, on_cpu=runtime.cpu_compat)
-        _fill_(chunks, state)
     recorded = copy.deepcopy(moe_config)
     recorded.train.output_dir, recorded.train.load_from = out_dir, None
     os.makedirs(out_dir, exist_ok=True)

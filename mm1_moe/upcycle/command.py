@@ -35,6 +35,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="do not scale expert w2 to match the dense output magnitude")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the logits comparison with the dense model")
+    p.add_argument("--drop-ratio", type=float, default=0.0,
+                   help="Drop-Upcycling: re-initialise this fraction of each expert's "
+                        "intermediate units (0.5 in the paper; 0 = plain copies). The function "
+                        "is then not preserved: the check reports how far the logits move")
     p.add_argument("--carry-optimizer", action="store_true",
                    help="start Adam from the dense checkpoint's moments (default: fresh)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the MoE config")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     report = upcycle(args.source, config, args.out, router_init=args.router_init,
                      router_std=args.router_std, granularity=args.granularity,
                      scale_weights=args.scale_weights, verify=args.verify,
-                     carry_optimizer=args.carry_optimizer,
+                     carry_optimizer=args.carry_optimizer, drop_ratio=args.drop_ratio,
                      log=lambda msg: print(f"mm1-moe upcycle: {msg}", flush=True))
     print(report.summary(), flush=True)
     if report.ok and report.checkpoint:

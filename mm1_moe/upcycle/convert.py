@@ -14,6 +14,13 @@ For each MoE layer ``i`` the dense SwiGLU FFN (``decoder.layers.i.mlp.linear_fc1
 Every other tensor (attention, norms, dense layers, embeddings, output layer, vision tower and
 connector) is copied unchanged.
 
+Drop-Upcycling (``drop_ratio`` r > 0; Nakamura et al., ICLR 2025, arXiv 2502.19261): in every
+expert a random round(r F') of its F' intermediate units (the same units in gate, up and down)
+get fresh weights from N(mean, std) of the dense matrix they came from, a different subset per
+expert (seeded by the run seed, the layer and the global expert index: the same in any layout).
+Naive copies learn fast and then flatten; re-initialising part of each expert diversifies them.
+The function is then not preserved; the check measures how far the logits move.
+
 Function preservation. A token routed to k' = K / G whole groups, with weight w_j on each shard
 of group j (identical logits -> identical weights), gets
   sum_j w_j * w2_scale * sum_g FFN_g(x) = w2_scale * sum_j w_j * FFN(x) = w2_scale * S / G * FFN(x)
@@ -80,6 +87,12 @@ class UpcyclePlan:
     w2_scale: float
     normalized: bool  # the K routing weights of a token always sum to 1
     seed: int
+    drop_ratio: float = 0.0  # Drop-Upcycling: fraction of each expert's units re-initialised
+
+    @property
+    def dropped_units(self) -> int:
+        """Intermediate units re-initialised per expert: round(r F'), so within half a unit."""
+        return int(round(self.drop_ratio * self.expert_ffn))
 
     @property
     def copies(self) -> int:
@@ -99,7 +112,8 @@ class UpcyclePlan:
 
 
 def make_plan(config: Config, granularity: int = 1, router_init: RouterInit = "zero",
-              router_std: float = 0.02, scale_weights: bool = True) -> UpcyclePlan:
+              router_std: float = 0.02, scale_weights: bool = True,
+              drop_ratio: float = 0.0) -> UpcyclePlan:
     """Check the MoE config against the upcycling options; every error names the fields."""
     dec = config.model.decoder
     moe, p = dec.moe, "model.decoder.moe"
@@ -132,10 +146,14 @@ def make_plan(config: Config, granularity: int = 1, router_init: RouterInit = "z
     if K % G:
         raise UpcycleError(f"{p}.top_k ({K}) is not a multiple of granularity ({G}): the G shards "
                            "of a copy are picked together, so top_k = G x copies per token")
+    if not (isinstance(drop_ratio, (int, float)) and 0.0 <= drop_ratio <= 1.0):
+        raise UpcycleError(f"drop_ratio ({drop_ratio!r}) must be in [0, 1]: the fraction of each "
+                           "expert's intermediate units re-initialised (Drop-Upcycling; the "
+                           "paper uses 0.5, 0 copies the dense FFN)")
     normalized = moe.router_order == "topk_softmax" or moe.normalize_topk or K == E
     scale = (float(G) if normalized else E * G / K) if scale_weights else 1.0
     return UpcyclePlan(layers, E, K, G, F, router_init, float(router_std), scale, normalized,
-                       config.train.seed)
+                       config.train.seed, float(drop_ratio))
 
 
 def expected_exact(plan: UpcyclePlan, config: Config) -> Tuple[bool, List[str]]:
@@ -155,6 +173,11 @@ def expected_exact(plan: UpcyclePlan, config: Config) -> Tuple[bool, List[str]]:
         notes.append(f"without weight scaling each MoE layer outputs {multiplier:g} x the dense "
                      f"FFN (granularity {plan.granularity}, top_k {plan.top_k}, "
                      f"num_experts {plan.num_experts})")
+    if plan.drop_ratio > 0:
+        notes.append(f"Drop-Upcycling (drop ratio {plan.drop_ratio:g}): {plan.dropped_units} of "
+                     f"each expert's {plan.expert_ffn} intermediate units are re-initialised, so "
+                     "function preservation is not expected; the check reports how far the "
+                     "step-0 logits move")
     exact = not notes
     if plan.router_init == "zero":
         notes.append("zero router: top-k ties break to the lowest index, so every token starts on "
@@ -174,16 +197,49 @@ def _router(name: str, plan: UpcyclePlan, width: int) -> torch.Tensor:
     return rows_CD.repeat_interleave(plan.granularity, dim=0)
 
 
-def expert_weights(fc1_2FD: torch.Tensor, fc2_DF: torch.Tensor,
-                   plan: UpcyclePlan) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(w1 [E, D, 2F'], w2 [E, F', D]) of one MoE layer from its dense FFN."""
+def expert_weights(fc1_2FD: torch.Tensor, fc2_DF: torch.Tensor, plan: UpcyclePlan,
+                   name: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w1 [E, D, 2F'], w2 [E, F', D]) of one MoE layer from its dense FFN; with a drop ratio,
+    ``name`` (the layer's experts prefix) seeds each expert's re-initialised units."""
     G, Fs = plan.granularity, plan.expert_ffn
     gate_FD, up_FD = fc1_2FD.float().chunk(2, dim=0)
     w1_GD2F = torch.stack([torch.cat([gate_FD[g * Fs:(g + 1) * Fs].t(),
                                       up_FD[g * Fs:(g + 1) * Fs].t()], dim=1) for g in range(G)])
     w2_GFD = torch.stack([fc2_DF.float()[:, g * Fs:(g + 1) * Fs].t() for g in range(G)])
     w2_GFD = w2_GFD * plan.w2_scale
-    return w1_GD2F.repeat(plan.copies, 1, 1), w2_GFD.repeat(plan.copies, 1, 1)
+    w1, w2 = w1_GD2F.repeat(plan.copies, 1, 1), w2_GFD.repeat(plan.copies, 1, 1)
+    if plan.dropped_units:
+        _drop_units_(w1, w2, gate_FD, up_FD, fc2_DF.float() * plan.w2_scale, plan, name)
+    return w1, w2
+
+
+def drop_units(plan: UpcyclePlan, name: str, expert: int) -> torch.Tensor:
+    """The intermediate units of global expert ``expert`` that Drop-Upcycling re-initialises:
+    a random subset of size ``plan.dropped_units``, seeded by the run seed, the layer's name
+    and the expert's global index, so any layout that builds the expert draws the same one."""
+    key = (plan.seed * 1_000_003 + zlib.crc32(f"{name}#{expert}".encode())) % 2**63
+    generator = torch.Generator().manual_seed(key)
+    return torch.randperm(plan.expert_ffn, generator=generator)[:plan.dropped_units].sort().values
+
+
+def _drop_units_(w1_ED2F: torch.Tensor, w2_EFD: torch.Tensor, gate_FD: torch.Tensor,
+                 up_FD: torch.Tensor, down_DF: torch.Tensor, plan: UpcyclePlan,
+                 name: str) -> None:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): per expert, the units ``drop_units`` picks get
+    new gate, up and down weights drawn from N(mean, std) of the whole dense matrix they came
+    from (down: as scaled into the experts)."""
+    E, D, Fs = w1_ED2F.shape[0], w1_ED2F.shape[1], plan.expert_ffn
+    n = plan.dropped_units
+    moments = [(m.mean().item(), m.std().item()) for m in (gate_FD, up_FD, down_DF)]
+    for expert in range(E):
+        units = drop_units(plan, name, expert)
+        generator = torch.Generator().manual_seed(
+            (plan.seed * 7_919 + zlib.crc32(f"{name}#{expert}#init".encode())) % 2**63)
+        draw = [torch.empty(shape).normal_(mean, std, generator=generator)
+                for (mean, std), shape in zip(moments, ((D, n), (D, n), (n, D)))]
+        w1_ED2F[expert][:, units] = draw[0]
+        w1_ED2F[expert][:, Fs + units] = draw[1]
+        w2_EFD[expert][units, :] = draw[2]
 
 
 def upcycle_state_dict(dense: Mapping[str, torch.Tensor],
@@ -210,7 +266,7 @@ def upcycle_state_dict(dense: Mapping[str, torch.Tensor],
             raise UpcycleError(f"{fc1} {tuple(dense[fc1].shape)} / {fc2} "
                                f"{tuple(dense[fc2].shape)} do not match ffn_hidden_size "
                                f"{plan.dense_ffn}")
-        w1, w2 = expert_weights(dense[fc1], dense[fc2], plan)
+        w1, w2 = expert_weights(dense[fc1], dense[fc2], plan, f"{prefix}experts")
         out[f"{prefix}experts.w1"], out[f"{prefix}experts.w2"] = w1, w2
         out[f"{prefix}router.weight"] = _router(f"{prefix}router.weight", plan, D)
     return out

@@ -10,6 +10,7 @@ in complete.json); the MoE configs are configs/tiny-moe.yaml (same decoder shape
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -96,6 +97,9 @@ APPROXIMATE = {
     "softmax_topk_random_router": ([], {"router_init": "random"}, "top-k probability sum"),
     "no_weight_scaling": (GRANULAR, {"granularity": 2, "scale_weights": False}, "0.25 x"),
     "capacity_factor": (["model.decoder.moe.capacity_factor=1.0"], {}, "capacity_factor"),
+    "drop_upcycling": ([], {"drop_ratio": 0.5}, "function preservation is not expected"),
+    "drop_upcycling_granular": (GRANULAR, {"granularity": 2, "drop_ratio": 0.25},
+                                "16 of each expert's 64 intermediate units"),
 }
 
 
@@ -114,9 +118,9 @@ def test_a_wrong_expert_layout_fails_the_check_and_writes_no_checkpoint(
         dense_run, tmp_path, monkeypatch):
     right = convert_module.expert_weights
 
-    def gate_up_swapped(fc1, fc2, plan):
+    def gate_up_swapped(fc1, fc2, plan, *name):
         gate, up = fc1.chunk(2, dim=0)
-        return right(torch.cat([up, gate]), fc2, plan)
+        return right(torch.cat([up, gate]), fc2, plan, *name)
 
     monkeypatch.setattr(convert_module, "expert_weights", gate_up_swapped)
     out = tmp_path / "out"
@@ -143,6 +147,55 @@ def test_expert_and_router_layout_is_copy_major():
     router = convert_module._router("decoder.layers.1.mlp.router.weight", plan, D)
     assert torch.equal(router[0::2], router[1::2]) and not torch.equal(router[0], router[2])
     assert router.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize("overrides, granularity, ratio", [
+    ([], 1, 0.5), (GRANULAR, 2, 0.3), ([], 1, 1.0)], ids=["r0.5", "granular-r0.3", "r1"])
+def test_drop_upcycling_statistics(overrides, granularity, ratio):
+    """Per expert round(r F') units re-initialised (the same in gate, up and down), drawn from
+    N(mean, std) of the dense matrix, a different subset per expert, the same on every call."""
+    plan = make_plan(_moe(*overrides), granularity=granularity, drop_ratio=ratio)
+    g = torch.Generator().manual_seed(0)
+    D, F, Fs, E = 64, 128, plan.expert_ffn, plan.num_experts
+    fc1 = torch.randn(2 * F, D, generator=g) * 0.05 + 0.01  # a mean that is not 0
+    fc2 = torch.randn(D, F, generator=g) * 0.03 - 0.02
+    name = "decoder.layers.1.mlp.experts"
+    w1, w2 = convert_module.expert_weights(fc1, fc2, plan, name)
+    copy1, copy2 = convert_module.expert_weights(fc1, fc2, make_plan(
+        _moe(*overrides), granularity=granularity))
+    assert abs(plan.dropped_units - ratio * Fs) <= 0.5  # within one unit of r F'
+    subsets, fresh = [], {"gate": [], "up": [], "down": []}
+    for e in range(E):
+        gate = (w1[e, :, :Fs] != copy1[e, :, :Fs]).any(0).nonzero().squeeze(1)
+        up = (w1[e, :, Fs:] != copy1[e, :, Fs:]).any(0).nonzero().squeeze(1)
+        down = (w2[e] != copy2[e]).any(1).nonzero().squeeze(1)
+        assert torch.equal(gate, up) and torch.equal(gate, down), e  # the same units
+        assert len(gate) == plan.dropped_units, e
+        assert torch.equal(gate, convert_module.drop_units(plan, name, e))
+        subsets.append(tuple(gate.tolist()))
+        fresh["gate"].append(w1[e, :, gate])
+        fresh["up"].append(w1[e, :, Fs + gate])
+        fresh["down"].append(w2[e, gate])
+    if ratio < 1:
+        assert len(set(subsets)) == E  # a different subset in every expert
+    gate_FD, up_FD = fc1.chunk(2, dim=0)
+    for key, source in (("gate", gate_FD), ("up", up_FD), ("down", fc2 * plan.w2_scale)):
+        new = torch.cat([t.reshape(-1) for t in fresh[key]])
+        assert new.mean().item() == pytest.approx(source.mean().item(),
+                                                  abs=0.05 * source.std().item()), key
+        assert new.std().item() == pytest.approx(source.std().item(), rel=0.05), key
+    again = convert_module.expert_weights(fc1, fc2, plan, name)
+    assert torch.equal(again[0], w1) and torch.equal(again[1], w2)  # seeded: reproducible
+    other = convert_module.expert_weights(fc1, fc2, plan, "decoder.layers.3.mlp.experts")
+    assert ratio == 1 or not torch.equal(other[0], w1)  # each layer draws its own subsets
+
+
+def test_drop_ratio_zero_is_plain_copies():
+    plan, zero = make_plan(_moe()), make_plan(_moe(), drop_ratio=0.0)
+    fc1, fc2 = torch.randn(256, 64), torch.randn(64, 128)
+    for a, b in zip(convert_module.expert_weights(fc1, fc2, plan, "x"),
+                    convert_module.expert_weights(fc1, fc2, zero, "x")):
+        assert torch.equal(a, b)
 
 
 # --- a Hugging Face Llama folder as the source ----------------------------------------------
@@ -198,6 +251,77 @@ def test_hugging_face_shape_mismatch_is_named(hf_llama, tmp_path):
     folder, _ = hf_llama
     with pytest.raises(UpcycleError, match=r"intermediate_size: 128 in .* 256 from"):
         upcycle(folder, _moe("model.decoder.ffn_hidden_size=256"), str(tmp_path / "out"))
+
+
+# --- bf16 -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dense_run_bf16(tmp_path_factory) -> str:
+    """The tiny dense model trained 2 steps in bf16 (fp32 main parameters in its optimizer)."""
+    from mm1_moe.training.loop import train
+
+    out = tmp_path_factory.mktemp("dense-bf16")
+    train(load_config(DENSE, ["train.steps=2", "train.dtype=bf16", f"train.output_dir={out}"]))
+    return str(out)
+
+
+@pytest.mark.parametrize("overrides, options", [
+    ([], {}), (GRANULAR, {"granularity": 2})], ids=["copies", "granular_g2"])
+def test_bf16_upcycling_is_checked_in_bf16_too(dense_run_bf16, tmp_path, overrides, options):
+    """bf16 dense -> bf16 MoE: the fp32 check, then both models in bf16 within 1/32 of the
+    largest logit (measured: 0 for copies, one bf16 ulp, 0.0039 of 0.70, with granularity 2)."""
+    from mm1_moe.training.loop import train
+
+    report = upcycle(dense_run_bf16, _moe("train.dtype=bf16", *overrides), str(tmp_path / "out"),
+                     **options)
+    assert report.preserved and report.max_abs_diff < 1e-6, report.summary()
+    assert report.bf16_max_abs_diff is not None and report.bf16_max_abs_diff <= 0.0040
+    assert report.bf16_tolerance == pytest.approx(report.max_abs_logit / 32, rel=1e-2)
+    assert "bf16 check" in report.summary()
+    result = train(load_config(str(tmp_path / "out" / "config.yaml"), ["train.steps=2"]))
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+def _main_params(config, checkpoint: str):
+    """The fp32 main parameters (global name -> tensor) of a bf16 checkpoint's optimizer."""
+    from mm1_moe.models.builder import build_model_chunks
+    from mm1_moe.runtime import initialize, shutdown
+    from mm1_moe.upcycle.carry import read_dense_optimizer
+    from mm1_moe.upcycle.source import single_process_config
+
+    work = single_process_config(config, "bf16")
+    runtime = initialize(work)
+    try:
+        chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
+        return read_dense_optimizer(work, chunks, checkpoint).main_params
+    finally:
+        shutdown()
+
+
+def test_bf16_carried_optimizer_continues_the_fp32_main_parameters(dense_run_bf16, tmp_path):
+    """--carry-optimizer in bf16: the MoE's fp32 main copies are the dense run's masters
+    (through the weights' map, w2 scale included), not its bf16 weights cast up."""
+    from mm1_moe.upcycle.source import dense_config, resolve_source
+
+    moe = _moe("train.dtype=bf16")
+    report = upcycle(dense_run_bf16, moe, str(tmp_path / "out"), carry_optimizer=True)
+    assert report.optimizer == "carried" and report.checkpoint
+    source = resolve_source(dense_run_bf16)
+    dense = _main_params(dense_config(source, moe), source.path)
+    got = _main_params(moe, report.checkpoint)
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert torch.equal(got[qkv], dense[qkv])
+    assert not torch.equal(dense[qkv], dense[qkv].bfloat16().float())  # finer than bf16
+    fc1, fc2 = dense["decoder.layers.1.mlp.linear_fc1.weight"], \
+        dense["decoder.layers.1.mlp.linear_fc2.weight"]
+    w1, w2 = got["decoder.layers.1.mlp.experts.w1"], got["decoder.layers.1.mlp.experts.w2"]
+    gate, up = fc1.chunk(2, dim=0)
+    for e in range(4):
+        assert torch.equal(w1[e], torch.cat([gate.t(), up.t()], dim=1))
+        assert torch.equal(w2[e], 2.0 * fc2.t())  # w2 x E/K
+    with pytest.raises(UpcycleError, match=r"trained with train\.dtype=bf16 and the MoE config "
+                                           r"has fp32"):
+        upcycle(dense_run_bf16, _moe(), str(tmp_path / "fp32"), carry_optimizer=True)
 
 
 # --- continuing from the upcycled checkpoint --------------------------------------------------
@@ -309,10 +433,11 @@ BAD = [
     _bad("dense_target", "dense", ["model.decoder.moe.num_experts=0"], {},
          r"the MoE config is dense \(model\.decoder\.moe\.num_experts is 0\)"),
     _bad("bad_router_init", "dense", [], {"router_init": "ones"}, r"router_init \('ones'\)"),
-    pytest.param("dense", ["train.dtype=bf16"], {},
-                 r"train\.dtype \(bf16\): upcycling without a GPU writes fp32 checkpoints only",
-                 id="bf16_without_gpu",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusal")),
+    _bad("drop_ratio_above_one", "dense", [], {"drop_ratio": 1.5},
+         r"drop_ratio \(1\.5\) must be in \[0, 1\]"),
+    _bad("drop_ratio_with_carried_optimizer", "dense", [],
+         {"drop_ratio": 0.5, "carry_optimizer": True},
+         r"carry_optimizer with drop_ratio 0\.5: the dense Adam moments describe the weights"),
 ]
 
 
@@ -362,8 +487,8 @@ def test_command_line_exit_codes(dense_run, tmp_path, capsys, monkeypatch):
     assert _cli("--from", str(tmp_path / "nowhere"), "--config", MOE, "--out",
                 str(tmp_path / "o2")) == 2
     assert "does not exist" in capsys.readouterr().err
-    monkeypatch.setattr(convert_module, "expert_weights",
-                        lambda fc1, fc2, plan: tuple(2 * t for t in _right(fc1, fc2, plan)))
+    monkeypatch.setattr(convert_module, "expert_weights", lambda fc1, fc2, plan, *name: tuple(
+        2 * t for t in _right(fc1, fc2, plan, *name)))
     assert _cli("--from", dense_run, "--config", MOE, "--out", str(tmp_path / "o3")) == 1
     assert "NOT preserved" in capsys.readouterr().out
     assert _cli("--from", dense_run, "--config", MOE, "--out", str(tmp_path / "o4"),
