@@ -48,7 +48,7 @@ from .source import (
     resolve_source,
     single_process_config,
 )
-from .verify import BF16_RTOL, compare
+from .verify import ATOL, BF16_RTOL, compare
 
 REPORT = "upcycle.json"
 
@@ -82,6 +82,13 @@ class UpcycleReport:
     bf16_max_abs_diff: Optional[float] = None
     """bf16 MoE config: the saved bf16 MoE model against the dense one cast to bf16."""
     bf16_tolerance: Optional[float] = None
+    ranks: int = 1
+    peak_rss_mib: Optional[List[float]] = None
+    """Each rank's peak resident memory (MiB) over the whole upcycle."""
+    start_rss_mib: Optional[List[float]] = None
+    """Each rank's peak resident memory when the runtime had started, before any model."""
+    shard_mib: Optional[List[float]] = None
+    """Each rank's parameters x (weights + fp32 grads + fresh Adam state) bytes (MiB)."""
 
     @property
     def preserved(self) -> Optional[bool]:
@@ -117,6 +124,12 @@ class UpcycleReport:
                              "both models in bf16)")
         else:
             lines.append("function check: skipped")
+        if self.peak_rss_mib:
+            lines.append(f"{self.ranks} rank(s); peak resident memory per rank (MiB): "
+                         f"{', '.join(f'{m:.0f}' for m in self.peak_rss_mib)} (at the start "
+                         f"{', '.join(f'{m:.0f}' for m in self.start_rss_mib)}; each rank's "
+                         "weights + grads + Adam state: "
+                         f"{', '.join(f'{m:.0f}' for m in self.shard_mib)})")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"checkpoint: {self.checkpoint}" if self.checkpoint else
                      "no checkpoint written (the function check failed; --no-verify skips it)")
@@ -129,11 +142,8 @@ def _check_out_dir(out_dir: str) -> None:
                            "from the newest one; choose an empty --out folder")
 
 
-def _check_single_process() -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
-        raise UpcycleError(f"upcycle runs as one process (WORLD_SIZE is {world}): run it without "
-                           "torchrun; the checkpoint it writes loads into any layout")
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: str = "zero",
@@ -156,14 +166,22 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
         carry_optimizer: start Adam from the dense checkpoint's moments (see ``carry.py``).
         drop_ratio: Drop-Upcycling, the fraction of each expert's intermediate units
             re-initialised (0: plain copies; see ``convert.py``).
-    Starts and tears down its own one-process runtime, as ``training.loop.train`` does.
+    Starts and tears down its own runtime, as ``training.loop.train`` does: one process, or
+    under torchrun every rank of the MoE config's layout, each converting its own part
+    (``distributed.py``).
     """
     say = log or (lambda _msg: None)
     source, plan, dense_cfg, hf_tensors = _prepare(dense_source, moe_config, out_dir, granularity,
                                                    router_init, router_std, scale_weights,
                                                    carry_optimizer, drop_ratio)
+    if _world_size() > 1:
+        return _upcycle_on_ranks(source, plan, dense_cfg, hf_tensors, moe_config, out_dir,
+                                 verify, say)
+    from .distributed import peak_rss_mib, shard_mib
+
     work = single_process_config(moe_config, "fp32")
     runtime = initialize(work)
+    start = peak_rss_mib()
     try:
         say(f"loading the dense model from {source.path}")
         dense_chunks, moments = _read_dense(source, dense_cfg, runtime, carry_optimizer,
@@ -173,8 +191,9 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
         moe_state = upcycle_state_dict(dense_state, plan)
         moe_chunks = build_model_chunks(work, on_cpu=runtime.cpu_compat)
         _fill_(moe_chunks, moe_state)
-        report = _new_report(source, out_dir, plan, moe_config, dense_state, moe_state,
-                             carry_optimizer)
+        upcycled = len(set(moe_state) - set(dense_state))
+        report = _new_report(source, out_dir, plan, moe_config,
+                             len(set(dense_state) & set(moe_state)), upcycled, carry_optimizer)
         if verify:
             say("comparing the MoE model's logits with the dense model's")
             check = compare(dense_chunks, moe_chunks, work, runtime.device)
@@ -195,7 +214,64 @@ def upcycle(dense_source: str, moe_config: Config, out_dir: str, router_init: st
         if report.ok:
             set_carried = carried_state_fn(moments, plan) if moments else None
             report.checkpoint = _save(moe_config, saved_chunks, out_dir, set_carried)
+        report.start_rss_mib, report.peak_rss_mib = [round(start, 1)], [round(peak_rss_mib(), 1)]
+        report.shard_mib = [round(shard_mib(saved_chunks, moe_config.train.dtype), 1)]
         _write_report(report, out_dir)
+        return report
+    finally:
+        shutdown()
+
+
+def _upcycle_on_ranks(source: DenseSource, plan: UpcyclePlan, dense_cfg: Config, hf_tensors,
+                      moe_config: Config, out_dir: str, verify: bool, say) -> UpcycleReport:
+    """Every rank converts its own part of the MoE config's layout (``distributed.py``)."""
+    import torch.distributed as dist
+
+    from .distributed import (build_parts, cast_parameters_, compare_distributed,
+                              fill_moe_from_dense_, global_names, layout_config, peak_rss_mib,
+                              per_rank, shard_mib)
+
+    work = layout_config(moe_config, moe_config.train.dtype)
+    runtime = initialize(work)
+    start = peak_rss_mib()
+    main = dist.get_rank() == 0
+    tell = say if main else (lambda _msg: None)
+    try:
+        tell(f"loading this rank's part of the dense model from {source.path} "
+             f"({dist.get_world_size()} ranks)")
+        dense_chunks, moe_chunks = build_parts(moe_config, dense_cfg, source, hf_tensors, runtime)
+        del hf_tensors
+        fill_moe_from_dense_(moe_chunks, dense_chunks, plan)
+        upcycled = 3 * len(plan.moe_layers)
+        report = _new_report(source, out_dir, plan, moe_config,
+                             len(global_names(moe_chunks)) - upcycled, upcycled, False)
+        report.ranks = dist.get_world_size()
+        report.shard_mib = per_rank(shard_mib(moe_chunks, work.train.dtype))
+        report.start_rss_mib = per_rank(start)
+        if verify:
+            tell("comparing the MoE model's logits with the dense model's on the last stage")
+            rtol, atol = (BF16_RTOL, 0.0) if work.train.dtype != "fp32" else (None, ATOL)
+            if work.train.dtype != "fp32":
+                cast_parameters_(dense_chunks, moe_chunks[0].config.params_dtype)
+                report.notes.append(f"checked with both models in {work.train.dtype} only (the "
+                                    "one-process path checks in fp32 first)")
+            check = compare_distributed(dense_chunks, moe_chunks, work, runtime.device,
+                                        rtol, atol)
+            report.verified = True
+            report.max_abs_diff, report.max_abs_logit = check.max_abs_diff, check.max_abs_logit
+            report.tolerance = check.tolerance
+        del dense_chunks
+        if report.ok:
+            recorded = copy.deepcopy(moe_config)
+            recorded.train.output_dir, recorded.train.load_from = out_dir, None
+            if main:
+                os.makedirs(out_dir, exist_ok=True)
+                dump_config(recorded, os.path.join(out_dir, "config.yaml"))
+            report.checkpoint = write_checkpoint(out_dir, work, moe_chunks, recorded,
+                                                 lambda _chunks, opt: fresh_optimizer_state_(opt))
+        report.peak_rss_mib = per_rank(peak_rss_mib())
+        if main:
+            _write_report(report, out_dir)
         return report
     finally:
         shutdown()
@@ -216,7 +292,9 @@ def _prepare(dense_source: str, moe_config: Config, out_dir: str, granularity: i
              drop_ratio: float = 0.0):
     """Every check that needs no model: (source, plan, dense config, and a Hugging Face folder's
     tensors, else None). Raises UpcycleError or InteropError."""
-    _check_single_process()
+    if carry_optimizer and _world_size() > 1:
+        raise UpcycleError(f"carry_optimizer runs in one process (WORLD_SIZE is {_world_size()}):"
+                           " run it without torchrun; the checkpoint loads into any layout")
     source = resolve_source(dense_source)
     if carry_optimizer and source.kind != "mm1-moe":
         raise UpcycleError(f"carry_optimizer needs an mm1-moe checkpoint with optimizer state; "
@@ -260,15 +338,14 @@ def _read_dense(source: DenseSource, dense_cfg: Config, runtime, carry_optimizer
 
 
 def _new_report(source: DenseSource, out_dir: str, plan: UpcyclePlan, moe_config: Config,
-                dense_state: Dict, moe_state: Dict, carry_optimizer: bool) -> UpcycleReport:
+                copied: int, upcycled: int, carry_optimizer: bool) -> UpcycleReport:
     exact, notes = expected_exact(plan, moe_config)
     layers = range(moe_config.model.decoder.num_layers)
     return UpcycleReport(
         source.path, source.kind, out_dir, None, list(plan.moe_layers),
         [i for i in layers if i not in plan.moe_layers], plan.num_experts, plan.top_k,
         plan.granularity, plan.router_init, plan.w2_scale,
-        tensors_copied=len(set(dense_state) & set(moe_state)),
-        tensors_upcycled=len(set(moe_state) - set(dense_state)),
+        tensors_copied=copied, tensors_upcycled=upcycled,
         optimizer="carried" if carry_optimizer else "fresh", exact_expected=exact, notes=notes,
         drop_ratio=plan.drop_ratio)
 

@@ -1,6 +1,8 @@
 """``mm1-moe upcycle``: the command line of ``upcycle`` (wired into ``mm1_moe/cli.py``).
 
   mm1-moe upcycle --from DENSE --config MOE_YAML --out DIR [options] [dotted.key=value ...]
+  torchrun --nproc-per-node N -m mm1_moe.cli upcycle ...   (each rank converts its own part of
+                                                           the MoE config's TP/PP/EP layout)
 
 Exit status: 0 done (exact, or approximate as the options imply: the report says which);
 1 the function check failed where exact preservation was expected (no checkpoint written);
@@ -57,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
                      scale_weights=args.scale_weights, verify=args.verify,
                      carry_optimizer=args.carry_optimizer, drop_ratio=args.drop_ratio,
                      log=lambda msg: print(f"mm1-moe upcycle: {msg}", flush=True))
-    print(report.summary(), flush=True)
-    if report.ok and report.checkpoint:
-        print(f"continue with: mm1-moe train --config {os.path.join(args.out, 'config.yaml')}",
-              flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, from rank 0
+        print(report.summary(), flush=True)
+        if report.ok and report.checkpoint:
+            print(f"continue with: mm1-moe train --config "
+                  f"{os.path.join(args.out, 'config.yaml')}", flush=True)
     return 0 if report.ok else 1

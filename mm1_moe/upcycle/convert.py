@@ -198,18 +198,24 @@ def _router(name: str, plan: UpcyclePlan, width: int) -> torch.Tensor:
 
 
 def expert_weights(fc1_2FD: torch.Tensor, fc2_DF: torch.Tensor, plan: UpcyclePlan,
-                   name: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(w1 [E, D, 2F'], w2 [E, F', D]) of one MoE layer from its dense FFN; with a drop ratio,
-    ``name`` (the layer's experts prefix) seeds each expert's re-initialised units."""
+                   name: str = "", experts: Optional[range] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w1 [e, D, 2F'], w2 [e, F', D]) of one MoE layer's ``experts`` (global indices; default
+    all E) from its dense FFN; with a drop ratio, ``name`` (the layer's experts prefix) seeds
+    each expert's re-initialised units. A rank building only its own experts gets exactly the
+    values the whole layer would have in them."""
     G, Fs = plan.granularity, plan.expert_ffn
+    experts = range(plan.num_experts) if experts is None else experts
     gate_FD, up_FD = fc1_2FD.float().chunk(2, dim=0)
-    w1_GD2F = torch.stack([torch.cat([gate_FD[g * Fs:(g + 1) * Fs].t(),
-                                      up_FD[g * Fs:(g + 1) * Fs].t()], dim=1) for g in range(G)])
-    w2_GFD = torch.stack([fc2_DF.float()[:, g * Fs:(g + 1) * Fs].t() for g in range(G)])
-    w2_GFD = w2_GFD * plan.w2_scale
-    w1, w2 = w1_GD2F.repeat(plan.copies, 1, 1), w2_GFD.repeat(plan.copies, 1, 1)
+    fc2 = fc2_DF.float()
+    shards = sorted({e % G for e in experts})
+    w1_shard = {g: torch.cat([gate_FD[g * Fs:(g + 1) * Fs].t(), up_FD[g * Fs:(g + 1) * Fs].t()],
+                             dim=1) for g in shards}
+    w2_shard = {g: fc2[:, g * Fs:(g + 1) * Fs].t() * plan.w2_scale for g in shards}
+    w1 = torch.stack([w1_shard[e % G] for e in experts])
+    w2 = torch.stack([w2_shard[e % G] for e in experts])
     if plan.dropped_units:
-        _drop_units_(w1, w2, gate_FD, up_FD, fc2_DF.float() * plan.w2_scale, plan, name)
+        _drop_units_(w1, w2, gate_FD, up_FD, fc2 * plan.w2_scale, plan, name, experts)
     return w1, w2
 
 
@@ -222,24 +228,23 @@ def drop_units(plan: UpcyclePlan, name: str, expert: int) -> torch.Tensor:
     return torch.randperm(plan.expert_ffn, generator=generator)[:plan.dropped_units].sort().values
 
 
-def _drop_units_(w1_ED2F: torch.Tensor, w2_EFD: torch.Tensor, gate_FD: torch.Tensor,
-                 up_FD: torch.Tensor, down_DF: torch.Tensor, plan: UpcyclePlan,
-                 name: str) -> None:
+def _drop_units_(w1_eD2F: torch.Tensor, w2_eFD: torch.Tensor, gate_FD: torch.Tensor,
+                 up_FD: torch.Tensor, down_DF: torch.Tensor, plan: UpcyclePlan, name: str,
+                 experts: range) -> None:
     """Drop-Upcycling (Nakamura et al., ICLR 2025): per expert, the units ``drop_units`` picks get
     new gate, up and down weights drawn from N(mean, std) of the whole dense matrix they came
-    from (down: as scaled into the experts)."""
-    E, D, Fs = w1_ED2F.shape[0], w1_ED2F.shape[1], plan.expert_ffn
-    n = plan.dropped_units
+    from (down: as scaled into the experts). Row i of the tensors is global expert experts[i]."""
+    D, Fs, n = w1_eD2F.shape[1], plan.expert_ffn, plan.dropped_units
     moments = [(m.mean().item(), m.std().item()) for m in (gate_FD, up_FD, down_DF)]
-    for expert in range(E):
+    for row, expert in enumerate(experts):
         units = drop_units(plan, name, expert)
         generator = torch.Generator().manual_seed(
             (plan.seed * 7_919 + zlib.crc32(f"{name}#{expert}#init".encode())) % 2**63)
         draw = [torch.empty(shape).normal_(mean, std, generator=generator)
                 for (mean, std), shape in zip(moments, ((D, n), (D, n), (n, D)))]
-        w1_ED2F[expert][:, units] = draw[0]
-        w1_ED2F[expert][:, Fs + units] = draw[1]
-        w2_EFD[expert][units, :] = draw[2]
+        w1_eD2F[row][:, units] = draw[0]
+        w1_eD2F[row][:, Fs + units] = draw[1]
+        w2_eFD[row][units, :] = draw[2]
 
 
 def upcycle_state_dict(dense: Mapping[str, torch.Tensor],

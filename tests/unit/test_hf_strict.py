@@ -31,7 +31,9 @@ from mm1_moe.config import load_config
 from mm1_moe.interop import InteropError, llama_config
 from mm1_moe.interop.llama import llama_shapes
 from mm1_moe.upcycle import UpcycleError, upcycle
-from mm1_moe.upcycle.verify import ATOL, RTOL
+from mm1_moe.upcycle.verify import ATOL
+
+RTOL = 1e-5  # the fp32 check at these tiny widths (mm1_moe.upcycle.verify.fp32_rtol: 1.1e-5)
 
 from _reference_models import perturbed
 

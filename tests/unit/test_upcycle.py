@@ -20,7 +20,7 @@ import torch
 from mm1_moe.config import load_config
 from mm1_moe.upcycle import UpcycleError, make_plan, upcycle
 from mm1_moe.upcycle import convert as convert_module
-from mm1_moe.upcycle.verify import ATOL, RTOL
+from mm1_moe.upcycle.verify import ATOL
 
 from _reference_models import perturbed
 
@@ -244,7 +244,7 @@ def test_hugging_face_llama_upcycles_to_the_same_logits(hf_llama, tmp_path, over
         expected = model(tokens).logits
     # measured 0 (every 2nd layer: the scale 2 and the weights 1/4 are powers of two) and 9e-8
     # (G = 2) against logits up to 0.43
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=ATOL)
 
 
 def test_hugging_face_shape_mismatch_is_named(hf_llama, tmp_path):
