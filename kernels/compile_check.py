@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional
 
 from ._common import INTERPRET, SHARED_MEMORY_LIMIT
 
@@ -39,6 +39,12 @@ class CompileRequest:
     aligned_ints: bool = False
     """Also mark the i32 arguments divisible by 16, as a launch specializes such values (the
     attention kernels need it to vectorize their K/V loads into cp.async and pipeline)."""
+    divisible: Optional[List[str]] = None
+    """The arguments a launch marks 16-divisible, as Triton's binder computed them from the real
+    arguments (``kernels/report.py`` captures them); replaces ``aligned``/``aligned_ints``."""
+    details: bool = False
+    """Return ``report.compiled_details`` (registers, spills, MMA kind, ...) instead of the
+    shared memory bytes."""
 
     @classmethod
     def for_kernel(cls, kernel, types: Mapping[str, str], constexprs: Mapping[str, object],
@@ -65,7 +71,7 @@ def _decode(value: object) -> object:
     return tl.dtype(value["tl.dtype"]) if isinstance(value, dict) and "tl.dtype" in value else value
 
 
-def _compile_here(req: CompileRequest) -> int:
+def _compile_here(req: CompileRequest) -> object:
     import importlib
 
     import triton
@@ -76,7 +82,9 @@ def _compile_here(req: CompileRequest) -> int:
     kernel = getattr(importlib.import_module(req.module), req.kernel)
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     attrs = {}
-    if req.aligned:
+    if req.divisible is not None:
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in req.divisible}
+    elif req.aligned:
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
                  for name, kind in req.signature.items()
                  if kind.startswith("*") or (req.aligned_ints and kind == "i32")}
@@ -85,6 +93,10 @@ def _compile_here(req: CompileRequest) -> int:
                        attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", req.capability, 32),
                               options={"num_warps": req.num_warps, "num_stages": req.num_stages})
+    if req.details:
+        from .report import compiled_details
+
+        return compiled_details(compiled, req.capability, req.num_warps)
     return int(compiled.metadata.shared)
 
 

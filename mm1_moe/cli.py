@@ -3,7 +3,8 @@
   mm1-moe train [--config YAML] [dotted.key=value ...]    train (also under torchrun)
   mm1-moe info  --config YAML [--tp N --pp N --ep N --dp N] [--json] [--family]
   mm1-moe data inspect SHARD|FOLDER|YAML
-  mm1-moe bench experts|layer|step|kernels|attention|data|threads|plot [ARGS]   (checkout)
+  mm1-moe bench experts|layer|step|kernels|attention|rmsnorm|data|threads|plot [ARGS] (checkout)
+  mm1-moe kernels report [--target sm90|sm80] [--config YAML] [--json]
   mm1-moe upcycle --from DENSE --config MOE_YAML --out DIR [options] [dotted.key=value ...]
 
 Without ``--config``, ``train`` runs the embedded default (``configs/default.yaml``, shipped in
@@ -170,6 +171,25 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return run_inspect(args)  # prints the report; DataError/ConfigError -> message, exit 2
 
 
+def _kernels_report(args: argparse.Namespace) -> int:
+    """Every kernel launch of the config's MoE layer, RMSNorm and attentions, compiled for the
+    target without a GPU (mm1_moe/kernels/report.py); exit 1 if any launch fails to compile."""
+    from .kernel_shapes import kernel_shapes
+    from .kernels.report import format_table, kernel_report, report_json
+
+    folder = _repo_configs_dir()
+    if not args.config and folder is None:
+        raise ConfigError("kernels report needs --config YAML (no configs/ folder here)")
+    config = load_config(args.config or os.path.join(folder, "mm1-7b-moe.yaml"), args.overrides)
+    rows = kernel_report([kernel_shapes(config)], args.target)[0]
+    if args.json:
+        print(json.dumps({"config": config.model.name, "target": args.target,
+                          "launches": report_json(rows)}, indent=2, default=str))
+    else:
+        print(f"{config.model.name} on {args.target}: {len(rows)} launches\n{format_table(rows)}")
+    return 1 if any(row.error for row in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm1-moe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the script's own options, e.g. --config YAML --tokens 16384 --ep 1 "
                             "--smoke --out DIR (MODE --help lists them)")
     bench.set_defaults(func=_bench)
+
+    kernels = sub.add_parser("kernels", help="static reports on our Triton kernels")
+    kernels_sub = kernels.add_subparsers(dest="kernels_command", required=True)
+    report = kernels_sub.add_parser(
+        "report", help="compile every kernel launch of the MoE layer, RMSNorm and attention at "
+                       "the config's shapes for a GPU target (no GPU needed): registers, spills, "
+                       "shared memory, MMA kind, TMA, CTAs per SM")
+    report.add_argument("--target", choices=["sm90", "sm80"], default="sm90",
+                        help="GPU to compile for (default sm90)")
+    report.add_argument("--config", help="YAML config (default: configs/mm1-7b-moe.yaml)")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
+    report.add_argument("overrides", nargs="*", help="dotted overrides")
+    report.set_defaults(func=_kernels_report)
 
     from .upcycle.command import add_parser as add_upcycle_parser
 
