@@ -26,6 +26,7 @@ EXTRAS = {
     # name, and a source checkout's own top-level kernels/ folder (on sys.path under
     # ``python -m``) shadows it: every transformers model then fails to import.
     "test": ["pytest", "transformers>=5.0,<5.25", "safetensors"],
+    "hf": ["transformers>=5.0,<5.25", "safetensors"],  # Hugging Face folders (upcycle, interop)
     "gpu": ["flash-attn"],  # optional benchmark baseline; cannot build without CUDA
     "sentencepiece": ["sentencepiece"],  # SentencePiece .model tokenizers
     "bench": ["matplotlib"],  # benchmarks/plot.py

@@ -135,43 +135,57 @@ def llama_shapes(config: Config) -> Dict[str, Tuple[int, ...]]:
 
 
 def llama_tensors_from_files(weights: "HFWeights", config: Config,
-                             tied: bool) -> Dict[str, torch.Tensor]:
+                             tied: bool) -> Mapping[str, torch.Tensor]:
     """A Llama folder's tensors (``hf_files.read_hf_weights``) checked against
-    :func:`llama_shapes`: every missing, unexpected, mis-shaped or non-float tensor, in one
-    InteropError that names each tensor and its file. ``tied`` is config.json's
-    tie_word_embeddings: lm_head is then the embedding (absent from the files, or equal to it)."""
-    tensors = {k: t for k, t in weights.tensors.items() if not k.endswith(ROTARY_BUFFER)}
-    problems = _tie_head_(tensors, weights, tied)
+    :func:`llama_shapes` from the files' headers (no tensor data is read): every missing,
+    unexpected, mis-shaped or non-float tensor, in one InteropError that names each tensor and
+    its file. ``tied`` is config.json's tie_word_embeddings: lm_head is then the embedding
+    (absent from the files, or equal to it). The result reads each tensor when it is used."""
+    from .hf_files import LazyTensors, dtype_of, shape_of
+
+    source = weights.tensors
+    names = {k for k in source if not k.endswith(ROTARY_BUFFER)}
+    problems = _tie_head_(names, weights, tied)
     expected = llama_shapes(config)
     searched = weights.searched()
-    for name in sorted(set(tensors) - set(expected)):
+    for name in sorted(names - set(expected)):
         problems.append(f"unexpected tensor {name} in {weights.file_of(name)}")
-    for name in sorted(set(expected) - set(tensors)):
+    for name in sorted(set(expected) - names):
         hint = " (config.json: tie_word_embeddings false)" if name == "lm_head.weight" else ""
         problems.append(f"missing tensor {name}: not in {searched}{hint}")
-    for name in sorted(set(expected) & set(tensors)):
-        tensor, where = tensors[name], f"{name} in {weights.file_of(name)}"
-        if tuple(tensor.shape) != expected[name]:
-            problems.append(f"{where}: shape {tuple(tensor.shape)}, expected {expected[name]}")
-        elif not tensor.is_floating_point():
-            problems.append(f"{where}: dtype {tensor.dtype}, expected a floating-point tensor")
+    for name in sorted(set(expected) & names):
+        real = "model.embed_tokens.weight" if name not in source else name  # a tied head
+        shape, where = shape_of(source, real), f"{name} in {weights.file_of(real)}"
+        if shape != expected[name]:
+            problems.append(f"{where}: shape {shape}, expected {expected[name]}")
+        elif not dtype_of(source, real).is_floating_point:
+            problems.append(f"{where}: dtype {dtype_of(source, real)}, expected a "
+                            "floating-point tensor")
     if problems:
         more = [f"... and {len(problems) - 16} more"] if len(problems) > 16 else []
         raise InteropError(f"{weights.folder} does not hold the Llama model that the MoE config's "
                            "model.decoder describes (shapes from its sizes):\n  "
                            + "\n  ".join(problems[:16] + more))
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if isinstance(source, LazyTensors):
+        if head not in source:
+            source.alias(head, embed)
+        return source
+    tensors = {k: source[k] for k in names}
+    tensors.setdefault(head, tensors.get(embed))
     return tensors
 
 
-def _tie_head_(tensors: Dict[str, torch.Tensor], weights: "HFWeights", tied: bool) -> List[str]:
-    """With tied embeddings, set lm_head to the embedding; a stored lm_head must equal it."""
+def _tie_head_(names: Set[str], weights: "HFWeights", tied: bool) -> List[str]:
+    """With tied embeddings, lm_head is the embedding (``names`` gains it); a stored lm_head
+    must equal it (the one check here that reads data: two tensors)."""
     head, embed = "lm_head.weight", "model.embed_tokens.weight"
-    if not tied or embed not in tensors:
+    if not tied or embed not in names:
         return []
-    if head not in tensors:
-        tensors[head] = tensors[embed]
+    if head not in names:
+        names.add(head)
         return []
-    stored, embedding = tensors[head], tensors[embed]
+    stored, embedding = weights.tensors[head], weights.tensors[embed]
     if stored.shape == embedding.shape and not torch.equal(stored, embedding):
         return [f"{head} in {weights.file_of(head)} differs from {embed} in "
                 f"{weights.file_of(embed)}, but config.json ties them (tie_word_embeddings)"]
@@ -185,24 +199,54 @@ def _expected_shared_names(config: Config) -> Set[str]:
     return expected
 
 
-def _shared_from_hf(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
-    """Embeddings, output layer, final norm and every layer's norms and attention, HF -> ours.
-    Names must already have been checked (:func:`_check_names`); shapes are checked here."""
+def _shared_thunks(hf: Mapping[str, torch.Tensor],
+                   config: Config) -> Dict[str, Callable[[], torch.Tensor]]:
+    """Embeddings, output layer, final norm and every layer's norms and attention, HF -> ours,
+    each as a function that reads and converts its tensor when called (``LazyConverted``)."""
     dec = config.model.decoder
-    D = dec.hidden_size
-    out = {
-        "embedding.word_embeddings.weight": _pad_vocab("model.embed_tokens.weight", hf["model.embed_tokens.weight"], config),
-        "output_layer.weight": _pad_vocab("lm_head.weight", hf["lm_head.weight"], config),
-        "decoder.final_layernorm.weight": _check_shape("model.norm.weight", hf["model.norm.weight"], (D,)),
+    D, q = dec.hidden_size, dec.num_attention_heads * dec.head_dim
+
+    def checked(name: str, shape) -> Callable[[], torch.Tensor]:
+        return lambda: _check_shape(name, hf[name], shape)
+
+    out: Dict[str, Callable[[], torch.Tensor]] = {
+        "embedding.word_embeddings.weight":
+            lambda: _pad_vocab("model.embed_tokens.weight", hf["model.embed_tokens.weight"], config),
+        "output_layer.weight": lambda: _pad_vocab("lm_head.weight", hf["lm_head.weight"], config),
+        "decoder.final_layernorm.weight": checked("model.norm.weight", (D,)),
     }
     for i in range(dec.num_layers):
         p, o = f"model.layers.{i}", f"decoder.layers.{i}"
-        out[f"{o}.input_layernorm.weight"] = _check_shape(f"{p}.input_layernorm.weight", hf[f"{p}.input_layernorm.weight"], (D,))
-        out[f"{o}.pre_mlp_layernorm.weight"] = _check_shape(f"{p}.post_attention_layernorm.weight", hf[f"{p}.post_attention_layernorm.weight"], (D,))
-        out[f"{o}.self_attention.linear_qkv.weight"] = _fuse_qkv(f"{p}.self_attn", hf, config)
-        out[f"{o}.self_attention.linear_proj.weight"] = _check_shape(
-            f"{p}.self_attn.o_proj.weight", hf[f"{p}.self_attn.o_proj.weight"], (D, dec.num_attention_heads * dec.head_dim))
+        out[f"{o}.input_layernorm.weight"] = checked(f"{p}.input_layernorm.weight", (D,))
+        out[f"{o}.pre_mlp_layernorm.weight"] = checked(f"{p}.post_attention_layernorm.weight", (D,))
+        out[f"{o}.self_attention.linear_qkv.weight"] = (
+            lambda p=p: _fuse_qkv(f"{p}.self_attn", hf, config))
+        out[f"{o}.self_attention.linear_proj.weight"] = checked(f"{p}.self_attn.o_proj.weight",
+                                                                (D, q))
     return out
+
+
+def _shared_from_hf(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    """The shared tensors, converted now. Names must already have been checked
+    (:func:`_check_names`); shapes are checked here."""
+    return {name: convert() for name, convert in _shared_thunks(hf, config).items()}
+
+
+class LazyConverted(Mapping):
+    """Name -> tensor, each converted from the source when looked up and not kept: loading a
+    model holds one converted tensor at a time (its shard is copied out, the rest freed)."""
+
+    def __init__(self, thunks: Mapping[str, Callable[[], torch.Tensor]]) -> None:
+        self._thunks = dict(thunks)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._thunks[name]()
+
+    def __iter__(self):
+        return iter(self._thunks)
+
+    def __len__(self) -> int:
+        return len(self._thunks)
 
 
 def _shared_to_hf(state: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
@@ -251,22 +295,32 @@ def _load_full_(chunks: Iterable[torch.nn.Module], full: Mapping[str, torch.Tens
     return fill_from_global_(chunks, lookup)
 
 
-def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
-    """A full (unsharded) state dict in our naming from a Llama state dict. Strict."""
+def _llama_thunks(hf: Mapping[str, torch.Tensor],
+                  config: Config) -> Dict[str, Callable[[], torch.Tensor]]:
     dec = config.model.decoder
     if dec.moe.enabled:
         raise InteropError("a Llama checkpoint is dense; model.decoder.moe.num_experts must be 0 "
                            "(upcycle it into an MoE decoder instead)")
     _check_names(hf, set(llama_shapes(config)), "Llama")
-    out = _shared_from_hf(hf, config)
+    out = _shared_thunks(hf, config)
     D, F = dec.hidden_size, dec.ffn_hidden_size
     for i in range(dec.num_layers):
         p, o = f"model.layers.{i}", f"decoder.layers.{i}"
-        gate = _check_shape(f"{p}.mlp.gate_proj.weight", hf[f"{p}.mlp.gate_proj.weight"], (F, D))
-        up = _check_shape(f"{p}.mlp.up_proj.weight", hf[f"{p}.mlp.up_proj.weight"], (F, D))
-        out[f"{o}.mlp.linear_fc1.weight"] = torch.cat([gate, up])
-        out[f"{o}.mlp.linear_fc2.weight"] = _check_shape(f"{p}.mlp.down_proj.weight", hf[f"{p}.mlp.down_proj.weight"], (D, F))
+
+        def fc1(p=p) -> torch.Tensor:
+            gate = _check_shape(f"{p}.mlp.gate_proj.weight", hf[f"{p}.mlp.gate_proj.weight"], (F, D))
+            up = _check_shape(f"{p}.mlp.up_proj.weight", hf[f"{p}.mlp.up_proj.weight"], (F, D))
+            return torch.cat([gate, up])
+
+        out[f"{o}.mlp.linear_fc1.weight"] = fc1
+        out[f"{o}.mlp.linear_fc2.weight"] = (lambda p=p: _check_shape(
+            f"{p}.mlp.down_proj.weight", hf[f"{p}.mlp.down_proj.weight"], (D, F)))
     return out
+
+
+def megatron_from_llama(hf: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    """A full (unsharded) state dict in our naming from a Llama state dict. Strict."""
+    return {name: convert() for name, convert in _llama_thunks(hf, config).items()}
 
 
 def llama_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
@@ -283,5 +337,7 @@ def llama_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> Di
 
 def load_llama_(chunks: Iterable[torch.nn.Module], hf: Mapping[str, torch.Tensor], config: Config) -> int:
     """Load a Llama state dict into this rank's decoder chunks (any TP/PP layout). Every
-    parameter of the chunks must be found; returns the number of tensors set."""
-    return _load_full_(chunks, megatron_from_llama(hf, config), "Llama")
+    parameter of the chunks must be found; returns the number of tensors set. Each tensor is
+    read and converted when this rank's chunks need it (``LazyConverted``), so a rank reads
+    its own layers' tensors, one at a time."""
+    return _load_full_(chunks, LazyConverted(_llama_thunks(hf, config)), "Llama")

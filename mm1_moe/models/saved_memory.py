@@ -27,6 +27,19 @@ import torch
 OUTSIDE = "outside"
 
 
+def decoder_layer_scopes(model: torch.nn.Module, config) -> Dict[str, List[torch.nn.Module]]:
+    """{"dense": [...], "moe": [...]}: the decoder layers of ``model`` (one chunk) by FFN kind,
+    from each layer's global index (Megatron's 1-based ``layer_number``)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    scopes: Dict[str, List[torch.nn.Module]] = {"dense": [], "moe": []}
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            moe = config.model.decoder.is_moe_layer(module.layer_number - 1)
+            scopes["moe" if moe else "dense"].append(module)
+    return scopes
+
+
 class SavedBytes:
     """Context manager: ``forward`` bytes per scope while active; ``rerun`` likewise for saves made
     by a backward run inside it (``backward()``). ``scopes`` maps a name to a module; several

@@ -89,6 +89,8 @@ class UpcycleReport:
     """Each rank's peak resident memory when the runtime had started, before any model."""
     shard_mib: Optional[List[float]] = None
     """Each rank's parameters x (weights + fp32 grads + fresh Adam state) bytes (MiB)."""
+    source_tensors_read: Optional[List[float]] = None
+    """Hugging Face sources: how many of the folder's tensors each rank read."""
 
     @property
     def preserved(self) -> Optional[bool]:
@@ -240,12 +242,15 @@ def _upcycle_on_ranks(source: DenseSource, plan: UpcyclePlan, dense_cfg: Config,
         tell(f"loading this rank's part of the dense model from {source.path} "
              f"({dist.get_world_size()} ranks)")
         dense_chunks, moe_chunks = build_parts(moe_config, dense_cfg, source, hf_tensors, runtime)
+        read = getattr(hf_tensors, "read", None)
         del hf_tensors
         fill_moe_from_dense_(moe_chunks, dense_chunks, plan)
         upcycled = 3 * len(plan.moe_layers)
         report = _new_report(source, out_dir, plan, moe_config,
                              len(global_names(moe_chunks)) - upcycled, upcycled, False)
         report.ranks = dist.get_world_size()
+        if read is not None:
+            report.source_tensors_read = per_rank(len(read))
         report.shard_mib = per_rank(shard_mib(moe_chunks, work.train.dtype))
         report.start_rss_mib = per_rank(start)
         if verify:

@@ -127,7 +127,11 @@ def dense_config(source: DenseSource, moe_config: Config) -> Config:
 
 
 def _read_hf_config(path: str):
-    from transformers import AutoConfig
+    try:
+        from transformers import AutoConfig
+    except ImportError as err:
+        raise UpcycleError(f"{path}: reading a Hugging Face folder needs transformers and "
+                           "safetensors: pip install 'mm1-moe[hf]'") from err
 
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)

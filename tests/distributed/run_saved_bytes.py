@@ -29,12 +29,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
     from mm1_moe.activations import decoder_layer_bytes
     from mm1_moe.config import load_config
     from mm1_moe.models.builder import build_model_chunks
-    from mm1_moe.models.saved_memory import SavedBytes
+    from mm1_moe.models.saved_memory import SavedBytes, decoder_layer_scopes
     from mm1_moe.runtime import initialize, shutdown
 
     config = load_config(os.path.join(REPO, "configs", "tiny-moe.yaml"), [
@@ -44,10 +42,7 @@ def main(argv=None) -> int:
     initialize(config)
     try:
         (model,) = build_model_chunks(config, on_cpu=True)
-        layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
-        moe = config.model.decoder.is_moe_layer
-        scopes = {"dense": [x for i, x in enumerate(layers) if not moe(i)],
-                  "moe": [x for i, x in enumerate(layers) if moe(i)]}
+        scopes = decoder_layer_scopes(model, config)
         tokens = torch.randint(5, 256, (1, SEQ), generator=torch.Generator().manual_seed(0))
         with SavedBytes(model, scopes) as saved:
             model(tokens, torch.arange(SEQ)[None], None, labels=tokens)

@@ -107,3 +107,31 @@ def test_ranks_write_the_one_process_checkpoint(dense, tmp_path, dense_layout, n
     assert one.keys() == ranks.keys() and len(one) > 20
     differ = [name for name in one if not torch.equal(one[name], ranks[name])]
     assert not differ, f"tensors that differ from the one-process upcycle: {differ}"
+
+
+def test_hugging_face_shards_upcycle_on_ranks_reading_only_their_layers(tmp_path):
+    """A sharded Hugging Face Llama folder upcycled on PP=2 ranks: the one-process checkpoint
+    bit for bit, and each rank reads only the tensors of its own stage (one at a time)."""
+    transformers = pytest.importorskip("transformers")
+    from mm1_moe.config import load_config
+    from mm1_moe.interop import llama_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(load_config(str(MOE))))
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder, max_shard_size="100KB")
+    total = len(model.state_dict())
+    overrides = ["parallel.pipeline_parallel=2"]
+    common = ["upcycle", "--from", str(folder), "--config", str(MOE)]
+    _launch(1, [*common, "--out", str(tmp_path / "one"), *overrides], "one-process upcycle")
+    _launch(2, [*common, "--out", str(tmp_path / "ranks"), *overrides], "upcycle on 2 ranks")
+    report = json.loads((tmp_path / "ranks" / "upcycle.json").read_text())
+    assert report["preserved"], report
+    read = report["source_tensors_read"]
+    # two of the four layers (9 tensors each) per stage, plus embedding / final norm and head
+    assert all(n < total for n in read) and sum(read) == total, (read, total)
+    step = "checkpoints/step_00000000"
+    one = _moe_state(str(tmp_path / "one" / step), overrides)
+    ranks = _moe_state(str(tmp_path / "ranks" / step), overrides)
+    differ = [name for name in one if not torch.equal(one[name], ranks[name])]
+    assert one.keys() == ranks.keys() and not differ, differ

@@ -19,7 +19,7 @@ from mm1_moe.activations import decoder_layer_bytes, decoder_stage_bytes, vision
 from mm1_moe.config import load_config
 from mm1_moe.info import memory_per_gpu
 from mm1_moe.models.builder import build_model_chunks
-from mm1_moe.models.saved_memory import OUTSIDE, SavedBytes
+from mm1_moe.models.saved_memory import OUTSIDE, SavedBytes, decoder_layer_scopes
 from mm1_moe.runtime import initialize, shutdown
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -42,14 +42,12 @@ def _decoder(seq, b, dtype, mode, backward=False, *extra):
     initialize(config)
     try:
         (model,) = build_model_chunks(config, on_cpu=True)
-        layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
-        moe = config.model.decoder.is_moe_layer
-        scopes = {"dense": [x for i, x in enumerate(layers) if not moe(i)],
-                  "moe": [x for i, x in enumerate(layers) if moe(i)]}
+        scopes = decoder_layer_scopes(model, config)
         tokens = torch.randint(5, 256, (b, seq), generator=torch.Generator().manual_seed(0))
         with SavedBytes(model, scopes) as saved:
             loss = model(tokens, torch.arange(seq).expand(b, -1), None, labels=tokens).mean()
             if backward:
+                layers = sorted(scopes["dense"] + scopes["moe"], key=lambda m: m.layer_number)
                 saved.backward(loss, layers[::config.train.recompute_num_layers])
         return config, saved
     finally:

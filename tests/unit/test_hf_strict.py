@@ -374,3 +374,32 @@ def test_bf16_weights_are_read_as_stored(tmp_path):
 def test_expected_shapes_are_the_transformers_models(model):
     """llama_shapes (what the reader demands) against the state dict transformers builds."""
     assert llama_shapes(_moe()) == {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+
+def test_shards_are_read_lazily_tensor_by_tensor_as_transformers_loads_them(folders):
+    """The multi-shard safetensors reader checks names, shapes and dtypes from the headers only,
+    reads a tensor's data when it is looked up (memory-mapped), and gives what transformers
+    loads from the same folder; a bf16 folder stays bf16 in the reader."""
+    from mm1_moe.interop.hf_files import LazyTensors, read_hf_weights
+    from mm1_moe.interop.llama import llama_tensors_from_files
+
+    weights = read_hf_weights(str(folders["sharded"]))
+    assert isinstance(weights.tensors, LazyTensors) and len(set(weights.files.values())) > 2
+    checked = llama_tensors_from_files(weights, _moe(), tied=False)
+    assert weights.tensors.read == set()  # every check so far read headers only
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(folders["sharded"])).state_dict()
+    assert set(checked) == set(loaded)
+    for name, tensor in loaded.items():
+        assert torch.equal(checked[name], tensor), name
+    assert weights.tensors.read == set(loaded)
+
+
+def test_a_bf16_shard_folder_stays_bf16_until_loaded(tmp_path):
+    from mm1_moe.interop.hf_files import read_hf_weights
+
+    folder = tmp_path / "bf16"
+    _llama(seed=3).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    weights = read_hf_weights(str(folder))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert weights.tensors.dtype(name) == torch.bfloat16
+    assert weights.tensors[name].dtype == torch.bfloat16
