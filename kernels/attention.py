@@ -63,15 +63,17 @@ INTERPRET_BLOCKS = AttentionBlocks(64, 64, 64, 64, 64, 64)
 
 def gpu_blocks(Dh: int, capability: int = 90) -> AttentionBlocks:
     """GPU tiles, after Triton tutorial 06 (fwd 128x128; bwd 32x128 for dK/dV, 128x32 for dQ,
-    4 warps, 5 stages on Hopper). Not yet tuned on a GPU here: run
+    5 stages on Hopper, with 8 warps in the backward: no spills, see below). Not yet tuned on a GPU here: run
     ``benchmarks/bench_attention.py --sweep`` on the card and update. Shared memory per block,
     bf16, 16-divisible strides (so the K/V loads are cp.async-pipelined), from the compile test:
     sm90 Dh=128 fwd 229,376 B (limit 232,448: 3 stages is the most), dK/dV 148,992, dQ 147,968;
     sm80 Dh=128 fwd 114,688, dK/dV 99,328, dQ 98,816."""
     bd = next_pow2(max(Dh, 16))
     if capability >= 90:
+        # bwd at 8 warps: at 4 the dK/dV kernel took 255 registers and spilled 1.6-1.8 KB per
+        # thread, dQ 68 B (mm1-moe kernels report, sm90); 8 warps split the accumulators
         return AttentionBlocks(128, 128, 32, 128, 128, 32, fwd_warps=4 if bd <= 64 else 8,
-                               fwd_stages=3, bwd_warps=4, bwd_stages=5)
+                               fwd_stages=3, bwd_warps=8, bwd_stages=5)
     return AttentionBlocks(128, 64, 32, 128, 128, 32, fwd_warps=4, fwd_stages=3,
                            bwd_warps=4, bwd_stages=3)
 

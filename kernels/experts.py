@@ -45,12 +45,15 @@ from .grouped_gemm import (GemmBlocks, TileSchedule, check_grouped, contiguous_r
                            gather_rows_backward, grouped_mm_dw, grouped_mm_fwd, mm_mainloop,
                            pick_blocks, swizzle, tile_rows, tile_schedule)
 
-# fc1 holds two accumulators (gate and up), i.e. a 128x256 fp32 output tile like the best bf16
-# config of Triton's H100 matmul tutorial; 48 KiB of shared memory per stage, so 3 stages
-# (144 KiB) also fit sm80's 163 KiB. UNTUNED: chosen without a GPU.
-FC1_GPU_BLOCKS = GemmBlocks(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
-# fc2's backward reloads gate/up tiles and writes three tiles in its epilogue; same main loop.
-FC2_BWD_GPU_BLOCKS = GemmBlocks(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+# fc1 holds two accumulators (gate and up). At 128x128 each (a 128x256 fp32 output tile) it took
+# 255 registers and spilled 16 B per thread on sm90 (mm1-moe kernels report); 128x64 each takes
+# 124 registers, no spill, 32 KiB of shared memory per stage: 3 stages (96 KiB) leave room for
+# 2 CTAs per SM on sm90 and fit sm80's 163 KiB. Compile-checked only: not yet timed on a GPU.
+FC1_GPU_BLOCKS = GemmBlocks(128, 64, 64, group_m=8, num_warps=8, num_stages=3)
+# fc2's backward reloads gate/up tiles and writes three tiles in its epilogue: at 128x128 that
+# epilogue took 255 registers and spilled 1,284 B per thread on sm90 (mm1-moe kernels report);
+# 128x64 holds it in 252 registers without spilling (triton 3.9's ptxas); compile-checked only.
+FC2_BWD_GPU_BLOCKS = GemmBlocks(128, 64, 64, group_m=8, num_warps=8, num_stages=3)
 
 
 @triton.jit

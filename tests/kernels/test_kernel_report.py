@@ -25,24 +25,13 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ("mm1-7b-moe", "mm1-3b-moe")
 SPILL_BUDGET = 0  # bytes of spill stores per thread
 
-# Launches that spill on sm90 at today's tiles, keyed (stage, kernel), with the spill stores
-# measured here (bytes per thread; triton 3.9, its bundled ptxas; the same at both configs'
-# shapes). Fixing the tiles is a separate change: when one stops spilling,
-# test_known_defects_still_spill fails until its entry is removed (a strict xfail).
-KNOWN_DEFECTS = {
-    # fc1 + SwiGLU forward: two 128x128 fp32 accumulators over 8 warps, 255 registers.
-    ("moe ep=1 fwd", "_swiglu_fc1_kernel"): 16,
-    ("moe ep=8 fwd", "_swiglu_fc1_kernel"): 16,
-    # fc2 backward + SwiGLU backward: the dgate/dup epilogue on top of the 128x128 accumulator.
-    ("moe ep=1 bwd", "_swiglu_fc2_bwd_kernel"): 1284,
-    ("moe ep=8 bwd", "_swiglu_fc2_bwd_kernel"): 812,
-    # attention backward at 4 warps: dK and dV accumulators of [128, 128] fp32 plus the
-    # recomputed p and dp tiles, 255 registers.
-    ("attention decoder Dh=128 bwd", "_attn_bwd_dkdv_kernel"): 1584,
-    ("attention decoder Dh=128 bwd", "_attn_bwd_dq_kernel"): 68,
-    ("attention vit Dh=80 bwd", "_attn_bwd_dkdv_kernel"): 1780,
-    ("attention vit Dh=80 bwd", "_attn_bwd_dq_kernel"): 68,
-}
+# Launches allowed to spill on sm90, keyed (stage, kernel) -> spill stores measured (bytes per
+# thread). Empty since the tile fixes of issue 19: fc1 + SwiGLU forward spilled 16 B at
+# 128x128 per accumulator, fc2 + SwiGLU backward 812-1,284 B at 128x128, attention dK/dV
+# 1.6-1.8 KB and dQ 68 B at 4 warps. A new entry is a defect on record: when its tiles are
+# fixed, test_known_defects_still_spill fails until it is removed (a strict xfail).
+KNOWN_DEFECTS: dict = {}
+
 
 # What the capture must find for each config (the names of the kernels' Python functions).
 EXPECTED_KERNELS = {
