@@ -49,11 +49,11 @@ INTERPRET_TILE_ELEMENTS = 1 << 16
 
 
 @triton.jit
-def _router_fwd_kernel(logits_ptr, mask_ptr, weights_ptr, ids_ptr, lse_ptr,
+def _router_fwd_kernel(logits_ptr, mask_ptr, bias_ptr, weights_ptr, ids_ptr, lse_ptr,
                        counts_part_ptr, stat_part_ptr, psum_part_ptr, zsum_part_ptr, kept_part_ptr,
                        T, E,
                        K: tl.constexpr, TOPK_SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -73,12 +73,24 @@ def _router_fwd_kernel(logits_ptr, mask_ptr, weights_ptr, ids_ptr, lse_ptr,
     p_TE = ex_TE / s_T[:, None]
     lse_T = m_T + tl.log(s_T)
 
+    # The selection key: the logits (ranking by p would turn distinct logits into exp-rounding
+    # ties), or with an expert bias the biased score: p + b, or logit + b (topk_softmax).
+    if HAS_BIAS:
+        b_E = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
+        if TOPK_SOFTMAX:
+            key_TE = x_TE + b_E[None, :]
+        else:
+            key_TE = p_TE + b_E[None, :]
+        key_TE = tl.where(col_ok_TE, key_TE, float("-inf"))  # padded experts: never chosen
+    else:
+        key_TE = x_TE
+
     # K rounds of argmax over the experts not yet taken; ties go to the lowest index.
     free_TE = col_ok_TE
     ids_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     top_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=ACC_DTYPE)  # selected p, or logit (topk_softmax)
     for j in tl.static_range(K):
-        cand_TE = tl.where(free_TE, x_TE, float("-inf"))
+        cand_TE = tl.where(free_TE, key_TE, float("-inf"))
         best_T = tl.max(cand_TE, axis=1)
         # `free &`: when only -inf logits remain, pick among the free ones, never a taken one.
         is_best_TE = free_TE & (cand_TE == best_T[:, None])
@@ -86,7 +98,9 @@ def _router_fwd_kernel(logits_ptr, mask_ptr, weights_ptr, ids_ptr, lse_ptr,
         idx_T = tl.minimum(idx_T, E - 1)  # only NaN rows get here: keep ids in range
         hit_TE = cols[None, :] == idx_T[:, None]
         free_TE = free_TE & (~hit_TE)
-        if TOPK_SOFTMAX:
+        if TOPK_SOFTMAX and HAS_BIAS:
+            val_T = tl.max(tl.where(hit_TE, x_TE, float("-inf")), axis=1)  # the unbiased logit
+        elif TOPK_SOFTMAX:
             val_T = best_T
         else:
             val_T = tl.sum(tl.where(hit_TE, p_TE, 0.0), axis=1)  # exactly p[idx]
@@ -132,8 +146,9 @@ def _router_bwd_kernel(logits_ptr, mask_ptr, lse_ptr, ids_ptr, weights_ptr, grad
                        K: tl.constexpr, TOPK_SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
                        HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """grad_logits = d/dlogits of  <grad_w, weights> + grad_aux * aux + grad_z * z, with
-    aux_coef_E = grad_aux * E * stat_counts_E / (n^2 K)  (d aux/d p_te on a kept token t) and
+    """grad_logits = d/dlogits of  <grad_w, weights> + <aux_coef, prob_sum> + grad_z * z, with
+    aux_coef_E the gradient of prob_sum_E (= d aux/d p_te on a kept token t; for one
+    micro-batch's load-balancing loss, grad_aux * E * stat_counts_E / (n^2 K)) and
     z_coef = 2 * grad_z / n  (d z/d logits_te = z_coef * lse_t * p_te on a kept token t)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -213,13 +228,20 @@ def _mask_arg(token_mask_T: Optional[torch.Tensor], fallback: torch.Tensor) -> t
 
 def router_fwd(logits_TE: torch.Tensor, k: int, order: str = "softmax_topk",
                normalize: bool = False, token_mask_T: Optional[torch.Tensor] = None,
-               block_t: Optional[int] = None) -> Tuple[torch.Tensor, ...]:
-    """Forward launcher. Returns (weights_TK, ids_TK int32, counts_E int32, aux_loss, z_loss,
+               block_t: Optional[int] = None,
+               bias_E: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """Forward launcher. Returns (weights_TK, ids_TK int32, counts_E int32, prob_sum_E, z_loss,
     stat_counts_E int32, num_stat_tokens int64 0-d, lse_T); float outputs in the accumulation
-    dtype (fp32, fp64 for fp64 logits). ``block_t`` overrides the tokens per program."""
+    dtype (fp32, fp64 for fp64 logits). prob_sum_E: the softmax probabilities summed over the
+    kept tokens (the load-balancing loss is formed from it, ``load_balance_loss``).
+    ``block_t`` overrides the tokens per program; ``bias_E`` (an expert bias) joins the top-k
+    choice only."""
     T, E = logits_TE.shape
     device = check_device(logits_TE) if token_mask_T is None else check_device(logits_TE,
                                                                                token_mask_T)
+    if bias_E is not None:
+        check_device(logits_TE, bias_E)
+        bias_E = bias_E.to(acc_dtype(logits_TE.dtype)).contiguous()
     acc = acc_dtype(logits_TE.dtype)
     logits_TE = logits_TE.contiguous()
     block_e = next_pow2(E)
@@ -237,27 +259,43 @@ def router_fwd(logits_TE: torch.Tensor, k: int, order: str = "softmax_topk",
     kept_part = alloc(max(nb, 1), dtype=torch.int32, device=device)
     if nb > 0:
         _router_fwd_kernel[(nb,)](
-            logits_TE, _mask_arg(token_mask_T, kept_part), weights_TK, ids_TK, lse_T,
+            logits_TE, _mask_arg(token_mask_T, kept_part),
+            bias_E if bias_E is not None else lse_T, weights_TK, ids_TK, lse_T,
             counts_part, stat_part, psum_part, zsum_part, kept_part, T, E,
             K=k, TOPK_SOFTMAX=order == "topk_softmax", NORMALIZE=normalize,
-            HAS_MASK=token_mask_T is not None, ACC_DTYPE=kernel_dtypes(logits_TE.dtype).acc,
+            HAS_MASK=token_mask_T is not None, HAS_BIAS=bias_E is not None,
+            ACC_DTYPE=kernel_dtypes(logits_TE.dtype).acc,
             BLOCK_T=bt, BLOCK_E=block_e, BLOCK_K=next_pow2(k), num_warps=NUM_WARPS)
     counts_E = counts_part.sum(0, dtype=torch.int32)
     stat_counts_E = stat_part.sum(0, dtype=torch.int32)
     n = kept_part.sum(dtype=torch.int64)
-    n_acc = n.clamp(min=1).to(acc)  # n == 0: the sums are 0, so are the losses (no NaN)
-    aux_loss = (E / k) * (stat_counts_E.to(acc) * psum_part.sum(0)).sum() / (n_acc * n_acc)
+    n_acc = n.clamp(min=1).to(acc)  # n == 0: the sums are 0, so is the loss (no NaN)
     z_loss = zsum_part.sum() / n_acc
-    return weights_TK, ids_TK, counts_E, aux_loss, z_loss, stat_counts_E, n, lse_T
+    return weights_TK, ids_TK, counts_E, psum_part.sum(0), z_loss, stat_counts_E, n, lse_T
+
+
+def load_balance_loss(prob_sum_E: torch.Tensor, num_tokens: torch.Tensor,
+                      load_counts_E: torch.Tensor, load_tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch / ST-MoE load balance, E * sum_e f_e * P_e, with P_e = prob_sum_E / num_tokens
+    (differentiable: the gradient flows through P only) and f_e = load_counts_E /
+    (load_tokens * k), the fraction of routed rows that went to e. The loads may come from
+    more tokens than the probabilities (a global-batch loss: all micro-batches and data-parallel
+    ranks); for one micro-batch both are its own. Zero tokens give 0, not NaN."""
+    acc = prob_sum_E.dtype
+    n = num_tokens.clamp(min=1).to(acc)
+    n_load = load_tokens.clamp(min=1).to(acc)
+    E = prob_sum_E.shape[0]
+    return (E / k) * (load_counts_E.to(acc) * prob_sum_E).sum() / (n_load * n)
 
 
 def router_bwd(logits_TE: torch.Tensor, token_mask_T: Optional[torch.Tensor], lse_T: torch.Tensor,
                ids_TK: torch.Tensor, weights_TK: torch.Tensor, grad_weights_TK: torch.Tensor,
-               grad_aux: torch.Tensor, grad_z: torch.Tensor, stat_counts_E: torch.Tensor,
+               grad_prob_sum_E: Optional[torch.Tensor], grad_z: torch.Tensor,
                num_stat_tokens: torch.Tensor, order: str = "softmax_topk",
                normalize: bool = False, block_t: Optional[int] = None) -> torch.Tensor:
     """Backward launcher: grad_logits_TE (logits dtype) from the gradients of weights_TK,
-    aux_loss and z_loss (0-d tensors), with the forward's saved lse_T, ids, weights and stats."""
+    prob_sum_E ([E], None: no gradient) and z_loss (0-d), with the forward's saved lse_T, ids,
+    weights and kept-token count."""
     T, E = logits_TE.shape
     k = ids_TK.shape[1]
     check_device(logits_TE)
@@ -267,8 +305,10 @@ def router_bwd(logits_TE: torch.Tensor, token_mask_T: Optional[torch.Tensor], ls
     if T == 0:
         return grad_logits_TE
     n_acc = num_stat_tokens.clamp(min=1).to(acc)
-    # d aux / d p_te = E * f_e / n on kept tokens, with f_e = stat_e / (n K): tensor math, no sync.
-    aux_coef_E = (grad_aux.to(acc) * (E / k) / (n_acc * n_acc)) * stat_counts_E.to(acc)
+    # d prob_sum_e / d p_te = 1 on kept tokens: the kernel's per-expert coefficient is the
+    # incoming gradient itself (for the load-balancing loss, E * f_e / n): no sync.
+    aux_coef_E = (torch.zeros(E, dtype=acc, device=logits_TE.device) if grad_prob_sum_E is None
+                  else grad_prob_sum_E.to(acc))
     z_coef = (2.0 * grad_z.to(acc) / n_acc).reshape(1)
     block_e = next_pow2(E)
     bt = _block_t(T, E, block_t)
@@ -283,25 +323,29 @@ def router_bwd(logits_TE: torch.Tensor, token_mask_T: Optional[torch.Tensor], ls
 
 
 class RouterFunction(torch.autograd.Function):
-    """Differentiable outputs: weights_TK, aux_loss, z_loss; the rest are integer stats."""
+    """Differentiable outputs: weights_TK, prob_sum_E, z_loss; the rest are integer stats. The
+    expert bias is not differentiable: it only changes which experts are chosen."""
 
     @staticmethod
-    def forward(ctx, logits_TE, k, order, normalize, token_mask_T, block_t):
-        (weights_TK, ids_TK, counts_E, aux_loss, z_loss, stat_counts_E, n,
-         lse_T) = router_fwd(logits_TE, k, order, normalize, token_mask_T, block_t)
-        ctx.save_for_backward(logits_TE, token_mask_T, lse_T, ids_TK, weights_TK,
-                              stat_counts_E, n)
+    def forward(ctx, logits_TE, k, order, normalize, token_mask_T, block_t, bias_E):
+        (weights_TK, ids_TK, counts_E, prob_sum_E, z_loss, stat_counts_E, n,
+         lse_T) = router_fwd(logits_TE, k, order, normalize, token_mask_T, block_t, bias_E)
+        ctx.save_for_backward(logits_TE, token_mask_T, lse_T, ids_TK, weights_TK, n)
         ctx.order, ctx.normalize, ctx.block_t = order, normalize, block_t
         ctx.mark_non_differentiable(ids_TK, counts_E, stat_counts_E, n)
-        return weights_TK, ids_TK, counts_E, aux_loss, z_loss, stat_counts_E, n
+        return weights_TK, ids_TK, counts_E, prob_sum_E, z_loss, stat_counts_E, n
 
     @staticmethod
-    def backward(ctx, grad_weights_TK, _ids, _counts, grad_aux, grad_z, _stat, _n):
-        logits_TE, token_mask_T, lse_T, ids_TK, weights_TK, stat_counts_E, n = ctx.saved_tensors
+    def backward(ctx, grad_weights_TK, _ids, _counts, grad_prob_sum_E, grad_z, _stat, _n):
+        logits_TE, token_mask_T, lse_T, ids_TK, weights_TK, n = ctx.saved_tensors
+        if grad_weights_TK is None:
+            grad_weights_TK = torch.zeros_like(weights_TK)
+        if grad_z is None:
+            grad_z = torch.zeros((), dtype=lse_T.dtype, device=lse_T.device)
         grad_logits_TE = router_bwd(logits_TE, token_mask_T, lse_T, ids_TK, weights_TK,
-                                    grad_weights_TK, grad_aux, grad_z, stat_counts_E, n,
+                                    grad_weights_TK, grad_prob_sum_E, grad_z, n,
                                     ctx.order, ctx.normalize, ctx.block_t)
-        return grad_logits_TE, None, None, None, None, None
+        return grad_logits_TE, None, None, None, None, None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +354,9 @@ class RouterOutput:
     ids_TK int32, sorted by score descending; counts_E int32: routed rows per expert over ALL
     tokens (for dispatch, sums to T*K); aux_loss, z_loss: 0-d, differentiable; stat_counts_E int32
     and num_stat_tokens (0-d int64): rows per expert and tokens over the tokens token_mask_T
-    keeps, for metrics (device tensors: reading them syncs)."""
+    keeps, for metrics (device tensors: reading them syncs); prob_sum_E: the kept tokens'
+    softmax probabilities summed per expert, differentiable (aux_loss is formed from it; a
+    global-batch loss forms its own, ``load_balance_loss``)."""
     weights_TK: torch.Tensor
     ids_TK: torch.Tensor
     counts_E: torch.Tensor
@@ -318,13 +364,17 @@ class RouterOutput:
     z_loss: torch.Tensor
     stat_counts_E: torch.Tensor
     num_stat_tokens: torch.Tensor
+    prob_sum_E: torch.Tensor
 
 
 def router(logits_TE: torch.Tensor, k: int, order: str = "softmax_topk", normalize: bool = False,
            token_mask_T: Optional[torch.Tensor] = None, *,
+           bias_E: Optional[torch.Tensor] = None,
            block_t: Optional[int] = None) -> RouterOutput:
     """Route each of T tokens to K of E experts from logits_TE [T, E] (any float dtype).
     token_mask_T (bool [T]): False tokens are routed but left out of aux, z and the stats.
+    bias_E (float [E], DeepSeek-V3's aux-loss-free balancing): added to the scores (p, or the
+    logits under topk_softmax) to choose the top-k only; the weights stay unbiased.
     ``block_t`` overrides the tokens per program (tests use it to exercise GPU-sized tiles)."""
     if logits_TE.dim() != 2 or not logits_TE.is_floating_point():
         raise ValueError(f"logits_TE must be a 2-D float tensor, got {tuple(logits_TE.shape)} "
@@ -338,5 +388,16 @@ def router(logits_TE: torch.Tensor, k: int, order: str = "softmax_topk", normali
                                      or tuple(token_mask_T.shape) != (T,)):
         raise ValueError(f"token_mask_T must be bool of shape ({T},), got "
                          f"{token_mask_T.dtype} {tuple(token_mask_T.shape)}")
-    return RouterOutput(*RouterFunction.apply(logits_TE, int(k), order, bool(normalize),
-                                              token_mask_T, block_t))
+    check_bias(bias_E, E)
+    (weights_TK, ids_TK, counts_E, prob_sum_E, z_loss, stat_counts_E,
+     n) = RouterFunction.apply(logits_TE, int(k), order, bool(normalize), token_mask_T, block_t,
+                               bias_E)
+    aux_loss = load_balance_loss(prob_sum_E, n, stat_counts_E, n, int(k))
+    return RouterOutput(weights_TK, ids_TK, counts_E, aux_loss, z_loss, stat_counts_E, n,
+                        prob_sum_E)
+
+
+def check_bias(bias_E: Optional[torch.Tensor], E: int) -> None:
+    if bias_E is not None and (tuple(bias_E.shape) != (E,) or not bias_E.is_floating_point()):
+        raise ValueError(f"bias_E must be a float tensor of shape ({E},), got {bias_E.dtype} "
+                         f"{tuple(bias_E.shape)}")

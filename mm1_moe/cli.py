@@ -47,8 +47,16 @@ def _train(args: argparse.Namespace) -> int:
             mfu = f"  mfu {entry.mfu:.1%}" if entry.mfu is not None else ""
             moe = ""
             if entry.moe:
-                cvs = [stats["load_cv"] for stats in entry.moe.values()]
-                moe = f"  expert load cv {max(cvs):.2f}"
+                stats = entry.moe.values()
+                moe = (f"  expert load cv {max(s['load_cv'] for s in stats):.2f}"
+                       f" max/mean {max(s['load_max_over_mean'] for s in stats):.2f}")
+                if any("bias_max" in s for s in stats):
+                    low = min(s.get("bias_min", 0.0) for s in stats)
+                    high = max(s.get("bias_max", 0.0) for s in stats)
+                    moe += f" bias [{low:+.3f}, {high:+.3f}]"
+                dropped = sum(s["dropped"] for s in stats)
+                if dropped:
+                    moe += f" dropped {dropped:,.0f}"
             print(f"step {entry.step:5d}/{config.train.steps}  loss {entry.loss:.4f}  "
                   f"grad_norm {entry.grad_norm:.3f}  lr {entry.lr:.2e}  "
                   f"tokens/s {entry.tokens_per_s:,.0f}{mfu}{moe}  "

@@ -18,22 +18,45 @@ Semantics (shared with the kernel, which must match the ids bit-exactly):
 - z (ST-MoE router z-loss): mean over the kept tokens of logsumexp(logits)^2.
 - Tokens with mask False are routed (ids, weights, counts_E) but excluded from aux and z.
   With n == 0 both losses are 0.
+- Expert bias (``bias_E``, DeepSeek-V3's aux-loss-free balancing): the top-k is chosen by
+  p + b (softmax_topk) or logits + b (topk_softmax), ties to the lower index; the weights are
+  those of the unbiased scores. Without a bias the ranking is by the logits, as above.
 - Math in fp32 whatever the logits dtype, in fp64 for fp64 logits (gradcheck).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 ORDERS = ("softmax_topk", "topk_softmax")
 
 
+class RouterParts(NamedTuple):
+    weights_TK: torch.Tensor
+    ids_TK: torch.Tensor
+    counts_E: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    prob_sum_E: torch.Tensor  # kept tokens' softmax summed per expert (differentiable)
+    stat_counts_E: torch.Tensor  # rows per expert from kept tokens
+    num_stat_tokens: torch.Tensor  # kept tokens, 0-d int64
+
+
 def router_reference(logits_TE: torch.Tensor, k: int, order: str, normalize: bool = False,
-                     token_mask_T: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+                     token_mask_T: Optional[torch.Tensor] = None,
+                     bias_E: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """Returns (weights_TK fp32, ids_TK int64, counts_E int64, aux_loss, z_loss); autograd flows
     to ``logits_TE`` through weights, aux_loss and z_loss."""
+    return tuple(router_reference_parts(logits_TE, k, order, normalize, token_mask_T,
+                                        bias_E)[:5])
+
+
+def router_reference_parts(logits_TE: torch.Tensor, k: int, order: str, normalize: bool = False,
+                           token_mask_T: Optional[torch.Tensor] = None,
+                           bias_E: Optional[torch.Tensor] = None) -> RouterParts:
+    """``router_reference`` with the statistics the MoE layer also needs."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     T, E = logits_TE.shape
@@ -41,8 +64,11 @@ def router_reference(logits_TE: torch.Tensor, k: int, order: str, normalize: boo
     x_TE = logits_TE.to(acc)
     probs_TE = torch.softmax(x_TE, dim=-1)
 
-    # stable=True: among equal logits the lower expert index comes first.
-    ids_TK = torch.sort(x_TE.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    key_TE = x_TE.detach()
+    if bias_E is not None:
+        key_TE = (key_TE if order == "topk_softmax" else probs_TE.detach()) + bias_E.to(acc)
+    # stable=True: among equal keys the lower expert index comes first.
+    ids_TK = torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :k]
     if order == "softmax_topk":
         weights_TK = probs_TE.gather(1, ids_TK)
         if normalize:
@@ -56,8 +82,9 @@ def router_reference(logits_TE: torch.Tensor, k: int, order: str, normalize: boo
     n = kept_T.sum().clamp(min=1).to(acc)  # n == 0: every sum below is 0, so the losses are 0
     stat_counts_E = torch.bincount(ids_TK[kept_T].reshape(-1), minlength=E).to(acc)
     f_E = stat_counts_E / (n * k)
-    P_E = (probs_TE * kept_T[:, None]).sum(dim=0) / n
-    aux_loss = E * (f_E * P_E).sum()
+    prob_sum_E = (probs_TE * kept_T[:, None]).sum(dim=0)
+    aux_loss = E * (f_E * (prob_sum_E / n)).sum()
     lse_T = torch.logsumexp(x_TE, dim=-1)
     z_loss = (lse_T.square() * kept_T).sum() / n
-    return weights_TK, ids_TK, counts_E, aux_loss, z_loss
+    return RouterParts(weights_TK, ids_TK, counts_E, aux_loss, z_loss, prob_sum_E,
+                       stat_counts_E.to(torch.int64), kept_T.sum())

@@ -63,6 +63,16 @@ class MoEConfig:
     need for function preservation)."""
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.001
+    balance: Literal["aux_loss", "bias", "both"] = "aux_loss"
+    """How expert load is balanced: the auxiliary load-balancing loss (MM1, Switch), a per-expert
+    bias on the routing scores nudged toward equal load after every step (DeepSeek-V3's
+    auxiliary-loss-free balancing; the aux loss is then reported but not trained on), or both."""
+    bias_update_rate: float = 1e-3
+    """balance: bias/both: each step moves every expert's bias by this much toward equal load."""
+    aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    """Which tokens' expert loads the load-balancing loss uses: each micro-batch's own, or those
+    of the whole step so far (all micro-batches up to this one, over the data-parallel ranks;
+    Megatron-core's global aux loss). The probabilities are always this micro-batch's."""
     capacity_factor: Optional[float] = None
     """None: dropless. Otherwise each expert takes at most capacity_factor * T * K / E rows."""
     router_jitter: float = 0.0

@@ -92,6 +92,8 @@ def _check_moe(config: Config, errors: List[str], parallel_ok: bool) -> None:
     for name in ("aux_loss_coeff", "z_loss_coeff"):
         if not getattr(moe, name) >= 0:
             errors.append(f"{p}.{name} ({getattr(moe, name)}) must be >= 0")
+    if not moe.bias_update_rate >= 0:
+        errors.append(f"{p}.bias_update_rate ({moe.bias_update_rate}) must be >= 0")
     # jitter scales the router input by U(1 - eps, 1 + eps): eps >= 1 can zero or flip its sign
     if not 0 <= moe.router_jitter < 1:
         errors.append(f"{p}.router_jitter ({moe.router_jitter}) must be >= 0 and < 1 "

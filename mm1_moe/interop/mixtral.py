@@ -19,6 +19,8 @@ has no router z-loss (``z_loss_coeff`` is not exported), and its load-balancing 
 layers' routing and counts K slots per token, so ``router_aux_loss_coef`` takes our
 ``aux_loss_coeff`` value but the two losses are normalised differently.
 
+An expert bias (``balance: bias|both``) has no Mixtral tensor: export refuses a non-zero one.
+
 Every tensor is accounted for: a missing, unexpected or mis-shaped one raises ``InteropError``
 naming it. Loading goes through Megatron's sharded state dict, so any TP/EP/PP layout loads the
 same checkpoint.
@@ -132,6 +134,7 @@ def mixtral_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> 
     """The inverse of :func:`megatron_from_mixtral` (vocab padding dropped). Strict: every tensor
     must be present, and the MoE tensors must have their global [E, ...] shapes."""
     _require_mixtral_expressible(config)
+    _refuse_expert_bias(state)
     dec = config.model.decoder
     E, D, F = dec.moe.num_experts, dec.hidden_size, _expert_ffn(config)
 
@@ -144,6 +147,21 @@ def mixtral_from_megatron(state: Mapping[str, torch.Tensor], config: Config) -> 
         return {router: gate, gate_up: w1.transpose(1, 2), down: w2.transpose(1, 2)}
 
     return _export_to_hf(state, config, layer_ffn)
+
+
+def _refuse_expert_bias(state: Mapping[str, torch.Tensor]) -> None:
+    """An expert bias (``balance: bias|both``) changes which experts a token goes to, and
+    Mixtral's format has no tensor for it: a reader would route differently. Refused unless
+    every bias is zero (nothing is lost then)."""
+    biased = [name for name, t in state.items()
+              if name.endswith("router.expert_bias") and bool(t.detach().abs().max() > 0)]
+    if biased:
+        raise InteropError(
+            f"{biased[0]} (and {len(biased) - 1} more) is an expert bias from "
+            "model.decoder.moe.balance: bias|both; it steers the top-k choice and Mixtral's "
+            "format has no tensor for it (MixtralForCausalLM would route differently). Export to "
+            "a format with a routing bias (DeepSeek-V3's e_score_correction_bias), or train "
+            "with balance: aux_loss")
 
 
 def load_mixtral_(chunks: Iterable[torch.nn.Module], hf: Mapping[str, torch.Tensor], config: Config) -> int:

@@ -73,6 +73,8 @@ def _fill(modules: Iterable[torch.nn.Module],
     count = 0
     for module in modules:
         for param, sharded in _param_shards(module):
+            if not isinstance(param, torch.nn.Parameter):
+                continue  # a buffer (the router's expert bias): its module sets it
             n = sharded.prepend_axis_num
             name, shape = layer_key(sharded), tuple(sharded.global_shape[n:])
             full = full_tensor(name, shape, param)

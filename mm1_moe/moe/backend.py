@@ -20,20 +20,22 @@ from ..kernels.dispatch import dispatch_metadata as _metadata_triton
 from ..kernels.experts import swiglu_experts as _swiglu_triton
 from ..kernels.reference.dispatch import combine_ref, dispatch_metadata_ref, dispatch_ref
 from ..kernels.reference.experts import swiglu_experts_reference
-from ..kernels.reference.router import router_reference
-from ..kernels.router import RouterOutput
+from ..kernels.reference.router import router_reference_parts
+from ..kernels.router import RouterOutput, check_bias, load_balance_loss
 from ..kernels.router import router as _router_triton
 from ..runtime.process import kernel_for
 
-__all__ = ["MoEOps", "DispatchMeta", "RouterOutput", "moe_ops"]
+__all__ = ["MoEOps", "DispatchMeta", "RouterOutput", "load_balance_loss", "moe_ops"]
 
 
-def _router_torch(logits_TE, k, order, normalize=False, token_mask_T=None) -> RouterOutput:
-    weights, ids, counts, aux, z = router_reference(logits_TE, k, order, normalize, token_mask_T)
-    keep = torch.ones_like(ids[:, 0], dtype=torch.bool) if token_mask_T is None else token_mask_T
-    stat = torch.bincount(ids[keep].reshape(-1), minlength=logits_TE.shape[1])
-    return RouterOutput(weights, ids.to(torch.int32), counts.to(torch.int32), aux, z,
-                        stat.to(torch.int32), keep.sum())
+def _router_torch(logits_TE, k, order, normalize=False, token_mask_T=None, *,
+                  bias_E=None) -> RouterOutput:
+    check_bias(bias_E, logits_TE.shape[1])
+    parts = router_reference_parts(logits_TE, k, order, normalize, token_mask_T, bias_E)
+    return RouterOutput(parts.weights_TK, parts.ids_TK.to(torch.int32),
+                        parts.counts_E.to(torch.int32), parts.aux_loss, parts.z_loss,
+                        parts.stat_counts_E.to(torch.int32), parts.num_stat_tokens,
+                        parts.prob_sum_E)
 
 
 @dataclass(frozen=True)

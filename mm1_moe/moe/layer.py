@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import MoEConfig
 from .backend import RouterOutput, moe_ops
+from .balance import LoadBalanceState
 from .dispatcher import AllToAllDispatcher, DispatchState, GatherDispatcher, LocalDispatcher
 from .experts import GroupedSwiGLUExperts
 from .router import TopKRouter
@@ -67,15 +68,23 @@ class MoEMetrics:
     dropped: int  # routed slots dropped by the capacity limit
     aux_loss: float  # load-balancing loss (before its coefficient), mean over forwards
     z_loss: float  # router z-loss (before its coefficient), mean over forwards
+    expert_bias_E: Optional[torch.Tensor] = None  # balance: bias|both, after the step's update
 
     def summary(self) -> Dict[str, float]:
-        """min, max and coefficient of variation of tokens per expert, dropped, aux, z."""
+        """min, max, coefficient of variation and max/mean of tokens per expert (the busiest
+        expert sets the pace of an expert-parallel step: max/mean 2 is a step at half speed),
+        dropped slots, aux, z, and the expert bias's range when balancing by bias."""
         counts = self.tokens_per_expert_E.double()
         mean = counts.mean()
         cv = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
-        return {"load_min": float(counts.min()), "load_max": float(counts.max()),
-                "load_cv": cv, "dropped": float(self.dropped), "aux_loss": self.aux_loss,
-                "z_loss": self.z_loss}
+        out = {"load_min": float(counts.min()), "load_max": float(counts.max()),
+               "load_cv": cv, "load_max_over_mean": float(counts.max() / mean) if mean > 0
+               else 0.0, "dropped": float(self.dropped), "aux_loss": self.aux_loss,
+               "z_loss": self.z_loss}
+        if self.expert_bias_E is not None:
+            out["bias_min"] = float(self.expert_bias_E.min())
+            out["bias_max"] = float(self.expert_bias_E.max())
+        return out
 
 
 class _MetricsAccumulator:
@@ -95,11 +104,12 @@ class _MetricsAccumulator:
         self.dropped += int(dropped)
         self.forwards += 1
 
-    def read(self) -> Optional[MoEMetrics]:
+    def read(self, expert_bias_E: Optional[torch.Tensor] = None) -> Optional[MoEMetrics]:
         if not self.forwards:
             return None
         n = self.forwards
-        out = MoEMetrics(self.counts, self.dropped, float(self.aux) / n, float(self.z) / n)
+        bias = None if expert_bias_E is None else expert_bias_E.detach().cpu().clone()
+        out = MoEMetrics(self.counts, self.dropped, float(self.aux) / n, float(self.z) / n, bias)
         self.reset()
         return out
 
@@ -147,6 +157,8 @@ class MoELayer(MegatronModule):
             self.dispatcher = local(moe.num_experts, ops, moe.capacity_factor)
         self.aux_loss_scale = 1.0
         self.metrics = _MetricsAccumulator()
+        self.data_parallel_group = ps.get_data_parallel_group()
+        self.balance = LoadBalanceState(self.moe, self.data_parallel_group)
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -165,8 +177,7 @@ class MoELayer(MegatronModule):
         logits_TE = gather_rows(self.router.logits(x_TD, rows, sum(sizes)), sizes, self.sp_group)
         if token_mask_T is not None:
             token_mask_T = gather_rows(token_mask_T, sizes, self.sp_group)
-        route = self.router.ops.router(logits_TE, self.router.top_k, self.router.order,
-                                       self.router.normalize, token_mask_T)
+        route = self.router.route(logits_TE, token_mask_T)
         ids_TK = route.ids_TK[rows]
         counts_E = torch.bincount(ids_TK.reshape(-1).long(), minlength=self.moe.num_experts)
         return dataclasses.replace(route, weights_TK=route.weights_TK[rows], ids_TK=ids_TK,
@@ -219,11 +230,20 @@ class MoELayer(MegatronModule):
         x_rows, state = self.dispatch(x_TD, route)
         y_ND = self.run_experts(x_rows, state)
         out_TD = self.combine(y_ND, route, state)
-        aux = self.moe.aux_loss_coeff * route.aux_loss + self.moe.z_loss_coeff * route.z_loss
+        recomputing = _recomputing()  # full recompute reruns this forward in the backward
+        aux = self.moe.z_loss_coeff * route.z_loss
+        if self.moe.balance != "bias":  # "bias" alone: the aux loss is reported, not trained on
+            balance_loss = route.aux_loss
+            if self.training and self.moe.aux_loss_scope == "global_batch":
+                balance_loss = self.balance.global_batch_loss(route, self.router.top_k,
+                                                              recomputing)
+            aux = aux + self.moe.aux_loss_coeff * balance_loss
         if self.training and aux.requires_grad:
             out_TD = AuxLossInjector.apply(out_TD, aux, float(self.aux_loss_scale))
-        if not _recomputing():  # full recompute reruns this forward in the backward: count once
+        if not recomputing:  # count each forward once
             self.metrics.add(route, self._dropped(state.meta.num_dropped))
+            if self.training:
+                self.balance.add_step_load(route.stat_counts_E)
         return out_TD
 
     def _dropped(self, dropped_here: int) -> int:

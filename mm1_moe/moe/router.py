@@ -1,4 +1,5 @@
-"""The top-k router: a linear gate [E, D] (no bias), fp32 routing math, optional input jitter.
+"""The top-k router: a linear gate [E, D] (no bias), fp32 routing math, optional input jitter,
+and with ``balance: bias|both`` an expert bias [E] that only steers the top-k choice.
 
 Shapes: T tokens, D width, E experts, K top-k.
 """
@@ -29,6 +30,11 @@ class TopKRouter(torch.nn.Module):
                                                      dtype=params_dtype))
         self._inits = {"weight": normal(init_std)}
         self._inits["weight"].init_(self.weight)
+        # A buffer (saved and resharded with the router, no grad, no weight decay), fp32
+        # whatever train.dtype: steps of 1e-3 would vanish next to bf16's 8-bit mantissa.
+        # None (nothing in checkpoints) unless balancing by bias.
+        self.register_buffer("expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32)
+                             if moe.balance in ("bias", "both") else None)
         self.weight_grad_group = None
         """A process group over which the weight's grad is summed in the backward (set by the
         MoE layer when tensor-parallel ranks route different tokens without sequence
@@ -54,7 +60,24 @@ class TopKRouter(torch.nn.Module):
             weight = copy_to_tensor_model_parallel_region(weight, group=self.weight_grad_group)
         return x_TD.float() @ weight.float().t()
 
+    def route(self, logits_TE: torch.Tensor,
+              token_mask_T: Optional[torch.Tensor] = None) -> RouterOutput:
+        """The router op on ``logits_TE``, with the expert bias in the top-k choice when on."""
+        return self.ops.router(logits_TE, self.top_k, self.order, self.normalize, token_mask_T,
+                               bias_E=self.expert_bias)
+
     def forward(self, x_TD: torch.Tensor,
                 token_mask_T: Optional[torch.Tensor] = None) -> RouterOutput:
-        return self.ops.router(self.logits(x_TD), self.top_k, self.order, self.normalize,
-                               token_mask_T)
+        return self.route(self.logits(x_TD), token_mask_T)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3's update after an optimizer step: every expert's bias moves by ``rate``
+        toward equal load (up when below the mean load, down when above, unchanged at it), then
+        the biases are re-centred to mean zero (a shift common to all experts changes no top-k
+        choice; re-centring keeps them from drifting). ``load_E``: the step's rows per expert
+        over every rank that saw different tokens."""
+        load = load_E.to(torch.float64)
+        step = torch.sign(load.mean() - load).to(self.expert_bias.dtype) * rate
+        self.expert_bias.add_(step)
+        self.expert_bias.sub_(self.expert_bias.mean())

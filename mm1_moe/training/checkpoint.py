@@ -212,12 +212,14 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, 
     rng = _read_rng(path, meta) if same_layout else None  # set only once all else loaded
     sharded = _sharded_state(model_chunks, optimizer, loading=True)
     with serial_collectives(), restricted_unpickling(path):
+        saved_tensors = dist_checkpointing.load_tensors_metadata(path)
         # a checkpoint of the other optimizer kind names the main parameters differently
-        redirect_missing_tensors(sharded["optimizer"],
-                                 dist_checkpointing.load_tensors_metadata(path))
+        redirect_missing_tensors(sharded["optimizer"], saved_tensors)
+        kept_biases = _reconcile_expert_biases(sharded, saved_tensors, path)
         loaded = dist_checkpointing.load(sharded, path)
     state = _train_state(meta, loaded, path)
     for i, chunk in enumerate(model_chunks):
+        loaded[f"model{i}"].update(kept_biases.get(f"model{i}", {}))
         chunk.module.load_state_dict(loaded[f"model{i}"], strict=True)
     optimizer.load_state_dict(as_loading_format(optimizer, sharded["optimizer"],
                                                 loaded["optimizer"]))
@@ -225,6 +227,37 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler) -> Dict[str, 
     if rng is not None:
         rng_state.restore(rng)
     return {"step": int(state["step"]), "data_state": state["data_state"]}
+
+
+def _reconcile_expert_biases(sharded: Dict[str, Any], saved_tensors: Dict[str, Any],
+                             path: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The routers' expert biases (``balance: bias|both``) between runs that balance
+    differently. A checkpoint without them (an aux-loss run) starts this run's biases at zero:
+    they are taken out of what is loaded and kept as they are (returned, per model chunk). A
+    checkpoint with biases that this run does not use is loaded without them, loudly: its
+    routing chose experts with them."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    suffix = "router.expert_bias"
+    kept: Dict[str, Dict[str, torch.Tensor]] = {}
+    wanted = 0
+    for name, part in sharded.items():
+        if not name.startswith("model"):
+            continue
+        for key in [k for k, v in part.items() if k.endswith(suffix)
+                    and isinstance(v, ShardedTensor)]:
+            wanted += 1
+            if part[key].key not in saved_tensors:
+                kept.setdefault(name, {})[key] = part.pop(key).data
+    if kept and dist.get_rank() == 0:
+        print(f"{path} holds no expert biases (it was saved by a run without "
+              "model.decoder.moe.balance: bias|both): they start at zero", flush=True)
+    if not wanted and any(k.endswith(suffix) for k in saved_tensors):
+        warnings.warn(f"{path} holds expert biases (saved with model.decoder.moe.balance: bias "
+                      "or both) that this run does not use (balance: aux_loss): its routing "
+                      "chose experts with them, this run's will not, and its checkpoints will not "
+                      "hold them. Set balance: bias or both to keep them.")
+    return kept
 
 
 def resume_latest(root: str, load: Callable[[str], Dict[str, Any]],

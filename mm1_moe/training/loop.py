@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError, dump_config
 from ..models.builder import build_model_chunks, wrap_ddp
+from ..moe.balance import update_expert_biases
 from ..moe.layer import MoELayer, MoEMetrics
 from ..runtime import Runtime, initialize, shutdown
 from ..runtime.threads import CpuShare
@@ -154,7 +155,8 @@ def reduce_over_data_parallel(metrics: MoEMetrics) -> MoEMetrics:
     dist.all_reduce(packed, group=ps.get_data_parallel_group())
     E = counts.numel()
     return MoEMetrics(packed[:E].round().to(torch.int64), int(round(float(packed[E]))),
-                      float(packed[E + 1]) / size, float(packed[E + 2]) / size)
+                      float(packed[E + 1]) / size, float(packed[E + 2]) / size,
+                      metrics.expert_bias_E)  # the same on every data-parallel rank
 
 
 def gather_moe_metrics(layers: List[MoELayer]) -> Dict[int, Dict[str, float]]:
@@ -163,7 +165,7 @@ def gather_moe_metrics(layers: List[MoELayer]) -> Dict[int, Dict[str, float]]:
     reports what one process reports. Collective: every rank calls it."""
     local: Dict[int, Dict[str, float]] = {}
     for layer in layers:
-        metrics = layer.metrics.read()
+        metrics = layer.metrics.read(layer.router.expert_bias)
         if metrics is None:
             continue
         local[int(layer.layer_number)] = reduce_over_data_parallel(metrics).summary()
@@ -222,6 +224,7 @@ class Trainer:
         micro = list(self.data.next_step())
         for layer in self.moe_layers:  # aux-loss gradients scaled as the LM loss is
             layer.aux_loss_scale = 1.0 / len(micro)
+            layer.balance.start_step()
         iterators = [iter(micro) for _ in self.model]
         losses = get_forward_backward_func()(
             forward_step_func=partial(forward_step, self.runtime.device),
@@ -238,6 +241,8 @@ class Trainer:
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
+        # balance: bias|both: the step's expert loads move the routing biases (one all-reduce)
+        update_expert_biases(self.moe_layers, self.config.model.decoder.moe.bias_update_rate)
         self.step_index += 1
         elapsed = time.perf_counter() - start
         tokens = self.config.train.global_batch_size * self.config.data.seq_length

@@ -246,7 +246,7 @@ COMPILE_CASES = {  # id -> (E, K, order, normalize)
     "E64-K2-softmax_topk-norm": (64, 2, "softmax_topk", True),  # MM1-3B-MoE
     "E32-K2-topk_softmax": (32, 2, "topk_softmax", False),  # MM1-7B-MoE's E
 }
-FWD_TYPES = dict(logits_ptr="*bf16", mask_ptr="*u8", weights_ptr="*fp32", ids_ptr="*i32",
+FWD_TYPES = dict(logits_ptr="*bf16", mask_ptr="*u8", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
                  lse_ptr="*fp32", counts_part_ptr="*i32", stat_part_ptr="*i32",
                  psum_part_ptr="*fp32", zsum_part_ptr="*fp32", kept_part_ptr="*i32", T="i32",
                  E="i32")
@@ -268,7 +268,8 @@ def compiled():
         c = dict(K=K, TOPK_SOFTMAX=order == "topk_softmax", NORMALIZE=normalize, HAS_MASK=True,
                  ACC_DTYPE=tl.float32, BLOCK_T=gpu_block_t(E), BLOCK_E=next_pow2(E))
         for cap in (90, 80):
-            for kernel, types, extra in ((_router_fwd_kernel, FWD_TYPES, dict(BLOCK_K=next_pow2(K))),
+            for kernel, types, extra in ((_router_fwd_kernel, FWD_TYPES,
+                                          dict(BLOCK_K=next_pow2(K), HAS_BIAS=True)),
                                          (_router_bwd_kernel, BWD_TYPES, {})):
                 keys.append(f"{name}-sm{cap}-{kernel.fn.__name__}")
                 requests.append(CompileRequest.for_kernel(kernel, types, {**c, **extra}, cap,

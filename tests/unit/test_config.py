@@ -548,6 +548,7 @@ FLOAT_ZERO_OK = {
     "model.decoder.moe.aux_loss_coeff",  # no load-balancing loss
     "model.decoder.moe.z_loss_coeff",  # no router z-loss
     "model.decoder.moe.router_jitter",  # no jitter
+    "model.decoder.moe.bias_update_rate",  # a bias that stays where it is
     "train.min_lr_ratio",  # decay to 0
     "train.weight_decay",  # no decay
     "train.adam_beta1", "train.adam_beta2",  # no averaging: torch's Adam accepts [0, 1)
@@ -585,7 +586,7 @@ def test_the_walk_sees_every_section():
     sections = {p.rsplit(".", 1)[0] for p in INT_FIELDS + FLOAT_FIELDS}
     assert sections == {"model", "model.vision", "model.connector", "model.decoder",
                         "model.decoder.moe", "parallel", "data", "train"}
-    assert len(INT_FIELDS) == 39 and len(FLOAT_FIELDS) == 16  # a new field joins the walk
+    assert len(INT_FIELDS) == 39 and len(FLOAT_FIELDS) == 17  # a new field joins the walk
     assert set(ZERO_OR_NEGATIVE_OK) <= set(INT_FIELDS) and FLOAT_ZERO_OK <= set(FLOAT_FIELDS)
 
 
