@@ -7,8 +7,9 @@ as a single process for the baseline and under ``torch.distributed.run`` for eac
 
 The output path is ``--out`` or the environment variable ``MM1_RESULT``; the JSON object holds
 ``losses``, ``grad_norms``, ``lrs`` and ``moe`` (each MoE layer's routing statistics on logging
-steps), one entry per step, and ``expert_rows``: the rows this rank's experts computed over the
-run (every rank writes its own count to ``<out>.rank<R>``; the JSON holds rank 0's).
+steps), one entry per step, ``expert_bias`` (each MoE layer's expert bias at the end, with
+``balance: bias|both``), and ``expert_rows``: the rows this rank's experts computed over the run
+(every rank writes its own count to ``<out>.rank<R>``; the JSON holds rank 0's).
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ def main(argv=None) -> int:
 
     hook = torch.nn.modules.module.register_module_forward_hook(count_rows)
     config = load_config(args.config, args.overrides)
+    biases = {}
+
+    def read_biases(trainer) -> None:  # balance: bias|both: each MoE layer's bias at the end
+        for layer in trainer.moe_layers:
+            if layer.router.expert_bias is not None:
+                biases[str(layer.layer_number)] = layer.router.expert_bias.tolist()
+
     try:
-        result = train(config)
+        result = train(config, on_finish=read_biases)
     finally:
         hook.remove()
     rank = int(os.environ.get("RANK", "0"))
@@ -65,6 +73,7 @@ def main(argv=None) -> int:
             # per step: {layer number: routing statistics} (logging steps only)
             "moe": [{str(k): v for k, v in s.moe.items()} for s in result.steps],
             "expert_rows": rows[0],
+            "expert_bias": biases,  # rank 0's layers (all of them without pipelining)
         }
         text = json.dumps(payload)
         if args.out:
