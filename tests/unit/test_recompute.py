@@ -71,10 +71,10 @@ def _saved_bytes(model, fn):
     return out, sum(storages.values())
 
 
-def _run(name, mode, state=None):
+def _run(name, mode, state=None, overrides=()):
     """(loss, grads by name, router calls [(grad enabled, ids_TK)] per router, MoE metrics,
     core-attention calls, saved bytes, the model's state dict)."""
-    config = _config(name, mode)
+    config = _config(name, mode, *overrides)
     initialize(config)
     try:
         (model,) = build_model_chunks(config, on_cpu=True)
@@ -101,6 +101,33 @@ def _run(name, mode, state=None):
 def runs(request):
     base = _run(request.param, "none")
     return {"none": base, **{m: _run(request.param, m, base[-1]) for m in MODES[1:]}}
+
+
+def test_full_recompute_reuses_the_global_batch_loads(monkeypatch):
+    """aux_loss_scope: global_batch with the expert bias on: the rerun in the backward takes the
+    running loads its first forward used (one all-reduce per forward, none in the rerun, the
+    running total not counted twice), so full recompute gives the run without it."""
+    from mm1_moe.moe.balance import LoadBalanceState
+
+    totals = []
+    original = LoadBalanceState.global_batch_loss
+
+    def recording(self, route, top_k, recomputing):
+        loss = original(self, route, top_k, recomputing)
+        totals.append((recomputing, int(self.global_load[-1])))
+        return loss
+
+    monkeypatch.setattr(LoadBalanceState, "global_batch_loss", recording)
+    balance = ("model.decoder.moe.aux_loss_scope=global_batch", "model.decoder.moe.balance=both")
+    base = _run("tiny-moe", "none", overrides=balance)
+    assert totals == [(False, B * (S - 5))] * 2  # two MoE layers, the real tokens once
+    totals.clear()
+    full = _run("tiny-moe", "full", base[-1], overrides=balance)
+    assert sorted(totals) == [(False, B * (S - 5))] * 2 + [(True, B * (S - 5))] * 2
+    torch.testing.assert_close(full[0], base[0], rtol=1e-6, atol=0)
+    for name, grad in base[1].items():
+        torch.testing.assert_close(full[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert [m.aux_loss for m in full[3]] == pytest.approx([m.aux_loss for m in base[3]])
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
