@@ -12,9 +12,14 @@ ours against Megatron-core's ``MoELayer`` and a plain-torch reference, in the sa
            attention + our MoE) against Megatron's MoELayer with torch SDPA attention.
   step     a training step of a shrunk MM1 with images (``bench_step.py``).
 
-Each is measured twice, reported separately: ``dropless`` (the real router on random inputs, every
-routed row kept) and ``balanced`` (the router still runs, then its ids are overridden by a
-round-robin assignment that gives every expert exactly T*K/E rows; same compute path).
+Each is measured under several routings, reported separately: ``dropless`` (the real router on
+random inputs, every routed row kept) and ``balanced`` (the router still runs, then its ids are
+overridden by a round-robin assignment that gives every expert exactly T*K/E rows; same compute
+path); the experts rows also under imbalance, what it costs: ``trained`` (the sorted load
+profile that the default run's trained router gives on the bundled data, from
+``benchmarks/results/trained_routing.json``, stretched to the config's E) and ``skew2`` /
+``skew4`` (one expert takes 2x / 4x the mean rows, the rest share evenly). ``max_load`` is each
+routing's max/mean rows per expert.
 
 Metrics (per row): tokens/s of forward + backward; TFLOP/s from the explicit count
   MoE FFN forward = router 2*T*D*E + experts 6*N*D*F (N = T*K rows; SwiGLU fc1 D->2F, fc2 F->D),
@@ -45,14 +50,16 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import harness  # noqa: E402
-from moe_setup import (DEFAULT_CONFIG, attention_block_flops, balance, build_moe,  # noqa: E402
-                       check_ep, device_and_dtype, dropless_max_load, ensure_runtime,
-                       experts_impl_name, free_memory, is_main, load_bench_config,
+from moe_setup import (DEFAULT_CONFIG, IMBALANCED, TRAINED_PROFILE,  # noqa: E402
+                       attention_block_flops, balance, build_moe, check_ep, device_and_dtype,
+                       dropless_max_load, ensure_runtime, experts_impl_name, force_routing,
+                       free_memory, imbalanced_counts, is_main, load_bench_config,
                        megatron_moe_config, megatron_moe_spec, measure, moe_flops, moe_shapes,
                        peer_ratios, rates)
 
 SMOKE_TOKENS = 64
 IMPLS = ("ours", "ours_unfused", "torch_reference", "megatron")
+ROUTINGS = ("dropless", "balanced", *IMBALANCED)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -61,10 +68,10 @@ def _moe_call(module, x):
 
 
 def bench_experts(config_path: str = DEFAULT_CONFIG, tokens: int = 16384, ep: int = 1,
-                  smoke: bool = False, ceil=None,
-                  impls: Tuple[str, ...] = IMPLS) -> List[Dict[str, object]]:
-    """Rows for our MoE FFN, Megatron's and the torch reference at the config's shapes, dropless
-    and balanced. Starts (and leaves running) a runtime for the config when none is."""
+                  smoke: bool = False, ceil=None, impls: Tuple[str, ...] = IMPLS,
+                  routings: Tuple[str, ...] = ROUTINGS) -> List[Dict[str, object]]:
+    """Rows for our MoE FFN, Megatron's and the torch reference at the config's shapes, one per
+    routing (``ROUTINGS``). Starts (and leaves running) a runtime for the config when none is."""
     from mm1_moe.config.megatron import decoder_transformer_config
 
     config = load_bench_config(config_path, smoke, ep)
@@ -84,10 +91,14 @@ def bench_experts(config_path: str = DEFAULT_CONFIG, tokens: int = 16384, ep: in
     base = {"bench": "experts", "config": config.model.name, "tokens": T, "ep": ep, **shapes,
             "tokens_per_expert": T * shapes["K"] / shapes["E"],
             "dtype": str(dtype).replace("torch.", "")}
+    if "trained" in routings and imbalanced_counts("trained", T, shapes["E"], shapes["K"]) is None \
+            and is_main():
+        print(f"  routing 'trained' skipped: no {TRAINED_PROFILE} (python "
+              "benchmarks/trained_routing.py writes it)", flush=True)
     rows = []
     for impl in _runnable(impls):
         rows += _bench_one_moe(impl, config, tc, device, x, grad, router_weight, max_load, base,
-                               ceil, smoke)
+                               ceil, smoke, routings)
     return rows
 
 
@@ -107,17 +118,24 @@ def _runnable(impls: Tuple[str, ...]) -> Tuple[str, ...]:
 
 
 def _bench_one_moe(impl, config, tc, device, x, grad, router_weight, max_load, base, ceil,
-                   smoke) -> List[Dict[str, object]]:
+                   smoke, routings=ROUTINGS) -> List[Dict[str, object]]:
     layer = build_moe(impl, config, tc, device)
     with torch.no_grad():  # the same router in every implementation: the same dropless routes
         layer.router.weight.copy_(router_weight)
     flops = moe_flops(base["tokens"], base["D"], base["F"], base["E"], base["K"])
     rows = []
-    for routing in ("dropless", "balanced"):
+    for routing in routings:
+        load = max_load
         if routing == "balanced":
             balance(impl, layer)
+            load = 1.0
+        elif routing in IMBALANCED:
+            counts = imbalanced_counts(routing, base["tokens"], base["E"], base["K"])
+            if counts is None:
+                continue  # no trained profile: said once by bench_experts
+            load = force_routing(impl, layer, counts)
         row = {**base, "impl": impl, "experts_impl": experts_impl_name(impl, layer),
-               "routing": routing, "max_load": max_load if routing == "dropless" else 1.0}
+               "routing": routing, "max_load": load}
         row.update(measure(layer, x, grad, _moe_call, smoke, rep_ms=500))
         rates(row, base["tokens"], flops, ceil)
         rows.append(row)

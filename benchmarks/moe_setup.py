@@ -1,6 +1,6 @@
 """Shared by the MoE layer and step benchmarks: a config laid out for one benchmark process, the
-three MoE implementations (ours, the torch reference, Megatron-core's MoELayer), forced-balanced
-routing, timing that is safe across expert-parallel ranks, and the FLOP counts.
+three MoE implementations (ours, the torch reference, Megatron-core's MoELayer), forced routing
+(balanced, skewed, or a trained router's load profile), timing that is safe across expert-parallel ranks, and the FLOP counts.
 
 Shapes: T tokens, D width, F expert FFN width, E experts, K top-k, N = T*K routed rows; S
 sequence, B batch, Hq / Hkv query / key-value heads, Dh head dim.
@@ -138,6 +138,10 @@ def balance_ours(layer) -> None:
     """Force balanced routing on our MoELayer: the router runs (logits, weights, losses), then
     its ids are replaced by the round-robin assignment; dispatch, experts and combine see
     exactly T*K/E rows per expert."""
+    _override_ours(layer, round_robin_ids)
+
+
+def _override_ours(layer, ids_fn) -> None:
     route_fn, cache = layer.route, {}
     E = layer.moe.num_experts
 
@@ -145,7 +149,7 @@ def balance_ours(layer) -> None:
         out = route_fn(x_TD, token_mask_T)
         T, K = out.ids_TK.shape
         if T not in cache:
-            ids = round_robin_ids(T, E, K, x_TD.device).to(out.ids_TK.dtype)
+            ids = ids_fn(T, E, K, x_TD.device).to(out.ids_TK.dtype)
             cache[T] = (ids, torch.bincount(ids.reshape(-1).long(), minlength=E).to(
                 out.counts_E.dtype))
         ids, counts = cache[T]
@@ -157,6 +161,10 @@ def balance_ours(layer) -> None:
 def balance_megatron(layer) -> None:
     """The same override on Megatron's MoELayer: its router's top-k weights are kept (autograd
     and aux loss included) and moved to the round-robin experts in probs and routing_map."""
+    _override_megatron(layer, round_robin_ids)
+
+
+def _override_megatron(layer, ids_fn) -> None:
     router = layer.router
     routing_fn, cache = router.routing, {}
 
@@ -165,7 +173,7 @@ def balance_megatron(layer) -> None:
         T, E = probs_TE.shape
         K = router.topk
         if T not in cache:
-            ids = round_robin_ids(T, E, K, probs_TE.device)
+            ids = ids_fn(T, E, K, probs_TE.device)
             cache[T] = (ids, torch.zeros(T, E, dtype=torch.bool, device=ids.device)
                         .scatter_(1, ids, True))
         ids, routing_map = cache[T]
@@ -177,6 +185,74 @@ def balance_megatron(layer) -> None:
 
 def balance(impl: str, layer) -> None:
     (balance_megatron if impl == "megatron" else balance_ours)(layer)
+
+
+# Imbalanced routings for the experts rows (issue 20): the busiest expert sets the pace of an
+# expert-parallel step, and a grouped GEMM's tail tiles and idle SMs show at one GPU too.
+SKEWED = {"skew2": 2.0, "skew4": 4.0}  # max rows per expert / mean
+TRAINED_PROFILE = os.path.join(REPO, "benchmarks", "results", "trained_routing.json")
+IMBALANCED = ("trained", *SKEWED)
+
+
+def ids_for_counts(counts_E: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """ids_TK with exactly ``counts_E`` rows per expert (sum T*K, each <= T) and K distinct
+    experts per token: the experts' rows, laid end to end, fill slot 0 of tokens 0..T-1, then
+    slot 1, ...; a run of at most T consecutive positions never meets a token twice."""
+    counts = counts_E.long().cpu()
+    if int(counts.sum()) != T * K or int(counts.max()) > T:
+        raise ValueError(f"counts {counts.tolist()} must sum to T*K={T * K} and each be <= T={T}")
+    flat = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    return flat.view(K, T).t().contiguous()
+
+
+def imbalanced_counts(kind: str, T: int, E: int, K: int) -> Optional[torch.Tensor]:
+    """Rows per expert for an imbalanced routing: ``skew2``/``skew4``: expert 0 takes 2x / 4x
+    the mean (at most T, one row per token), the rest share the remainder evenly; ``trained``:
+    the sorted load profile a trained router produced on the bundled data
+    (``benchmarks/trained_routing.py``; its most imbalanced layer), stretched to E experts.
+    None when the profile file is missing."""
+    total = T * K
+    if kind in SKEWED:
+        top = min(T, round(SKEWED[kind] * total / E))
+        rest = _even(total - top, E - 1)
+        return torch.cat([torch.tensor([top]), rest])
+    if kind != "trained":
+        raise ValueError(f"unknown routing {kind!r}")
+    if not os.path.isfile(TRAINED_PROFILE):
+        return None
+    import json
+
+    with open(TRAINED_PROFILE, encoding="utf-8") as handle:
+        profile = json.load(handle)
+    loads = max(profile["layers"].values(), key=lambda c: max(c) / (sum(c) / len(c)))
+    shares = torch.tensor(sorted(loads, reverse=True), dtype=torch.float64)
+    shares = shares / shares.sum()
+    # stretch the sorted profile to E experts: the same cumulative curve, resampled
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), shares.cumsum(0)])
+    grid = torch.linspace(0, len(shares), E + 1, dtype=torch.float64)
+    lower = grid.floor().clamp(max=len(shares) - 1).long()
+    at = cum[lower] + (grid - lower) * shares[lower]
+    counts = (at * total).round().long().diff().clamp(max=T)
+    counts[-1] += total - int(counts.sum())
+    return counts
+
+
+def _even(total: int, n: int) -> torch.Tensor:
+    return torch.full((n,), total // n, dtype=torch.long) + (torch.arange(n) < total % n).long()
+
+
+def force_routing(impl: str, layer, counts_E: torch.Tensor) -> float:
+    """Route with exactly ``counts_E`` rows per expert on our layer or Megatron's (as
+    ``balance`` does, with ``ids_for_counts`` for the ids). Returns max/mean of the counts."""
+    def ids_fn(T: int, E: int, K: int, device) -> torch.Tensor:
+        return ids_for_counts(counts_E, T, K).to(device)
+
+    if impl == "megatron":
+        _override_megatron(layer, ids_fn)
+    else:
+        _override_ours(layer, ids_fn)
+    counts = counts_E.double()
+    return float(counts.max() / counts.mean())
 
 
 def dropless_max_load(config, x_TD: torch.Tensor, router_weight: torch.Tensor) -> float:

@@ -69,6 +69,7 @@ CASES = {
     "softmax_topk_normalized_random_router": (["model.decoder.moe.normalize_topk=true"],
                                               {"router_init": "random"}),
     "torch_kernels": (["kernels.moe=torch"], {}),
+    "expert_bias": (["model.decoder.moe.balance=both"], {}),  # starts at zero: no change
 }
 
 
@@ -366,6 +367,24 @@ def test_resume_in_the_output_folder(dense_run, tmp_path):
     result = train(load_config(str(out / "config.yaml"), ["kernels.moe=torch", "train.steps=1"]))
     assert [s.step for s in result.steps] == [1]
     assert (out / "checkpoints" / "step_00000001" / "complete.json").is_file()
+
+
+def test_the_expert_bias_starts_at_zero_and_resumes(dense_run, tmp_path):
+    """balance: bias: the upcycled checkpoint holds a zero bias per MoE layer, a run resumes
+    from it, and its first step moves the bias."""
+    from megatron.core import dist_checkpointing
+
+    from mm1_moe.training.loop import train
+
+    out = tmp_path / "out"
+    report = upcycle(dense_run, _moe("model.decoder.moe.balance=bias"), str(out))
+    saved = dist_checkpointing.load_tensors_metadata(report.checkpoint)
+    assert sorted(k for k in saved if k.endswith("expert_bias")) == [
+        "decoder.layers.1.mlp.router.expert_bias", "decoder.layers.3.mlp.router.expert_bias"]
+    biases = []
+    train(load_config(str(out / "config.yaml"), ["kernels.moe=torch", "train.steps=1"]),
+          on_finish=lambda t: biases.extend(m.router.expert_bias.clone() for m in t.moe_layers))
+    assert len(biases) == 2 and all(b.abs().max() > 0 for b in biases)
 
 
 def test_carried_optimizer_state_lands_in_the_experts(dense_run, tmp_path):
