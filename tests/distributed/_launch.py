@@ -72,3 +72,19 @@ def train_cmd(nproc: int, overrides: Sequence[str], output_dir: Path,
                "train.save_interval=0"]
     return [*launcher, str(SCRIPT), *(["--config", str(config)] if config else []), *overrides,
             *isolate]
+
+
+def kill_9_after(cmd: Sequence[str], target: Path, env: Dict[str, str], wait_s: float = 240) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``target`` exists (e.g. a checkpoint's
+    complete.json), and fail unless ``target`` was written before the kill."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + wait_s
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert target.exists(), f"the run ended before it wrote {target}"

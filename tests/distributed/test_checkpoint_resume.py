@@ -5,13 +5,13 @@ used; a half-written (.tmp) checkpoint is ignored; a TP=2 checkpoint loads into 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from _launch import kill_9_after
 
 pytestmark = pytest.mark.distributed
 
@@ -55,15 +55,8 @@ def uninterrupted(tmp_path_factory):
 
 def test_kill_9_and_restart_resumes_bit_exact(tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(out, "train.log_interval=1"), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = out / "checkpoints" / "step_00000004" / "complete.json"
-    deadline = time.time() + 240
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert target.exists(), "the run ended before its step-4 checkpoint"
+    kill_9_after(_cmd(out, "train.log_interval=1"),
+                 out / "checkpoints" / "step_00000004" / "complete.json", _env())
     restarted = _run(out)
     assert "resumed from" in restarted.stdout
     assert _losses(out) == uninterrupted  # every step, bit for bit (JSON keeps all digits)

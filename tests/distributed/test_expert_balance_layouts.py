@@ -12,15 +12,12 @@ rank that used its own loads only would move its bias differently from one proce
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from _launch import REPO, SCRIPT, _env, _run
+from _launch import REPO, SCRIPT, _env, _run, kill_9_after
 
 pytestmark = pytest.mark.distributed
 
@@ -75,15 +72,8 @@ def test_kill_9_and_restart_keeps_the_bias(baseline):
     out = tmp / "killed"
     env = _env()
     env["MM1_RESULT"] = str(tmp / "killed-first.json")
-    proc = subprocess.Popen(_cmd(1, out, "train.save_interval=2"), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = out / "checkpoints" / "step_00000002" / "complete.json"
-    deadline = time.time() + 200
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert target.exists(), "the run ended before its step-2 checkpoint"
+    kill_9_after(_cmd(1, out, "train.save_interval=2"),
+                 out / "checkpoints" / "step_00000002" / "complete.json", env)
     restarted = _train(tmp, "killed", 1, "train.save_interval=2")
     done = STEPS - len(restarted["losses"])
     assert 2 <= done < STEPS
