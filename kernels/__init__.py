@@ -15,6 +15,8 @@ like its module, ``router``/``dispatch``/``combine``, would shadow the module.)
   experts.py       the fused SwiGLU expert MLP on grouped GEMMs, forward and backward
   rmsnorm.py       fused RMSNorm forward and backward (fp32 statistics, no atomics)
   compile_check.py compile a kernel for sm90/sm80 without a GPU (shared memory, lowering)
+  report.py        every launch of a config's layers compiled for sm90/sm80: registers, spills
+  tile_candidates.py  each op's GPU tile candidates and a runner per op (report, tile sweep)
 """
 
 import os

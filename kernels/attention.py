@@ -44,6 +44,7 @@ not yet run or timed on a GPU, and the GPU tile sizes below are not yet tuned.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -63,11 +64,12 @@ INTERPRET_BLOCKS = AttentionBlocks(64, 64, 64, 64, 64, 64)
 
 def gpu_blocks(Dh: int, capability: int = 90) -> AttentionBlocks:
     """GPU tiles, after Triton tutorial 06 (fwd 128x128; bwd 32x128 for dK/dV, 128x32 for dQ,
-    5 stages on Hopper, with 8 warps in the backward: no spills, see below). Not yet tuned on a GPU here: run
-    ``benchmarks/bench_attention.py --sweep`` on the card and update. Shared memory per block,
-    bf16, 16-divisible strides (so the K/V loads are cp.async-pipelined), from the compile test:
-    sm90 Dh=128 fwd 229,376 B (limit 232,448: 3 stages is the most), dK/dV 148,992, dQ 147,968;
-    sm80 Dh=128 fwd 114,688, dK/dV 99,328, dQ 98,816."""
+    5 stages on Hopper, with 8 warps in the backward: no spills, see below). Not yet tuned on
+    a GPU here: run ``benchmarks/bench_tile_sweep.py`` (or ``bench_attention.py --sweep``) on
+    the card and update. Shared memory per block, bf16, 16-divisible strides (so the K/V loads
+    are cp.async-pipelined), from the compile test: sm90 Dh=128 fwd 229,376 B (limit 232,448:
+    3 stages is the most), dK/dV 148,992, dQ 147,968; sm80 Dh=128 fwd 114,688, dK/dV 99,328,
+    dQ 98,816."""
     bd = next_pow2(max(Dh, 16))
     if capability >= 90:
         # bwd at 8 warps: at 4 the dK/dV kernel took 255 registers and spilled 1.6-1.8 KB per
@@ -76,6 +78,33 @@ def gpu_blocks(Dh: int, capability: int = 90) -> AttentionBlocks:
                                fwd_stages=3, bwd_warps=8, bwd_stages=5)
     return AttentionBlocks(128, 64, 32, 128, 128, 32, fwd_warps=4, fwd_stages=3,
                            bwd_warps=4, bwd_stages=3)
+
+
+# sm90 candidates (timed by benchmarks/bench_tile_sweep.py; each compiles spill-free within
+# shared memory, tests/kernels/test_kernel_report.py). Forward (BM, BN, warps, stages): the
+# table's 128x128 at 3 stages uses 224 of 227 KiB of shared memory (one compiler release adding
+# a buffer away from failing to launch) at 248-252 registers; 2 stages free 64 KiB (160 KiB),
+# and 128x64 halves the score tile (128 KiB, 190-242 registers). Backward (dK/dV BM, BN, dQ BM,
+# BN, warps, stages): 64x64 at 8 warps (dK/dV 215-226 registers, 137 KiB), and 4 warps at half
+# the tiles (2 CTAs per SM, 80 KiB); 64x128 / 128x64 at 8 warps spilled 76-212 B (not listed).
+FWD_CANDIDATES_SM90 = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3))
+BWD_CANDIDATES_SM90 = ((32, 128, 128, 32, 8, 5), (64, 64, 64, 64, 8, 3), (32, 64, 64, 32, 4, 3))
+
+
+def gpu_candidates(Dh: int, part: str, capability: int = 90) -> Tuple[AttentionBlocks, ...]:
+    """``gpu_blocks(Dh, capability)`` first, then its variants in the forward (``part="fwd"``)
+    or the backward (``"bwd"``) tiles, the other part kept; sm90 only (sm80: the table)."""
+    base = gpu_blocks(Dh, capability)
+    out = [base]
+    if capability >= 90:
+        for c in (FWD_CANDIDATES_SM90 if part == "fwd" else BWD_CANDIDATES_SM90):
+            cand = (dataclasses.replace(base, fwd_m=c[0], fwd_n=c[1], fwd_warps=c[2],
+                                        fwd_stages=c[3]) if part == "fwd" else
+                    dataclasses.replace(base, dkdv_m=c[0], dkdv_n=c[1], dq_m=c[2], dq_n=c[3],
+                                        bwd_warps=c[4], bwd_stages=c[5]))
+            if cand not in out:
+                out.append(cand)
+    return tuple(out)
 
 
 # fp32 / fp64 inputs on a GPU (tests only; production is bf16): tiles sized for 2-byte elements

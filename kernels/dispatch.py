@@ -230,14 +230,15 @@ def _apply_capacity(meta: DispatchMeta, probs_TK: torch.Tensor, capacity: int) -
 
 
 @triton.jit
-def _dispatch_fwd_kernel(src_TD, sort_index_N, scale_TK, dot_ND, dot_TK, out_ND, N, D, K,
-                         D_SPAN, stride_src, stride_out, stride_dot,
+def _dispatch_fwd_kernel(src_TD, sort_index_N, scale_TK, dot_ND, dot_TK, out_ND, N, D,
+                         D_SPAN, stride_src, stride_out, stride_dot, K: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr,
                          HAS_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """out[n] = scale[slot] * src[slot // K] with slot = sort_index[n], over columns
     [pid1 * D_SPAN, +D_SPAN). With HAS_DOT (one program spans all of D), also
     dot_TK[slot] = <src[slot // K], dot_ND[n]>: combine's weight gradient, fused so grad_out
-    is read once."""
+    is read once. K is a constexpr (1 or 2 in practice): slot // K is a shift, not a runtime
+    integer division."""
     pid_n = tl.program_id(0)
     d_lo = tl.program_id(1) * D_SPAN
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,18 +266,19 @@ def _dispatch_fwd_kernel(src_TD, sort_index_N, scale_TK, dot_ND, dot_TK, out_ND,
 
 
 @triton.jit
-def _dispatch_bwd_kernel(src_ND, inverse_TK, weights_TK, out_TD, T, D, K,
-                         stride_src, stride_out,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                         ACC_DTYPE: tl.constexpr):
+def _dispatch_bwd_kernel(src_ND, inverse_TK, weights_TK, out_TD, T, D, stride_src, stride_out,
+                         K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """out[t] = sum over k (in order) of weights[t, k] * src[inverse[t*K + k]], skipping dropped
-    slots (-1). One program owns its tokens' output: deterministic, no atomics."""
+    slots (-1). One program owns its tokens' output: deterministic, no atomics. The K loop is
+    unrolled (K constexpr): the K row loads of a tile are all in flight at once, where a runtime
+    loop issued them one after another."""
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_mask = toks < T
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_DTYPE)
-    for k in range(K):
+    for k in tl.static_range(K):
         row = tl.load(inverse_TK + toks * K + k, mask=tok_mask, other=-1)
         kept = row >= 0
         src_row = row.to(tl.int64) * stride_src
@@ -291,13 +293,30 @@ def _dispatch_bwd_kernel(src_ND, inverse_TK, weights_TK, out_TD, T, D, K,
              mask=tok_mask[:, None] & col_mask[None, :])
 
 
-# GPU (rows, columns) per program. dispatch_fwd: 8 x 1024 tiles (64 elements per thread at 4
-# warps), one column block per program; with the fused dot (combine's backward) one program
-# loops over all of D, 16 x 256 at a time. dispatch_bwd (and combine): a 16 x 512 fp32
-# accumulator (64 registers per thread). Not yet timed on a card.
+# GPU (rows, columns) per program, one table per op, and each op's spill-free candidates (all
+# at 4 warps; compiled for sm90 by tests/kernels/test_kernel_report.py, timed on a card by
+# benchmarks/bench_tile_sweep.py, which writes the winners to pin here). Not yet timed on a card.
+#
+# dispatch_fwd: 8 x 1024 tiles (64 elements per thread at 4 warps), one column block per
+# program; with the fused dot (combine's backward) one program loops over all of D, 16 x 256 at
+# a time.
 DISPATCH_FWD_BLOCKS = (8, 1024)
+DISPATCH_FWD_CANDIDATES = ((8, 1024), (4, 1024), (16, 512))
 DISPATCH_FWD_DOT_BLOCKS = (16, 256)
-DISPATCH_BWD_BLOCKS = (16, 512)
+DISPATCH_FWD_DOT_CANDIDATES = ((16, 256), (8, 512), (32, 128))
+# dispatch_bwd (combine's forward), per width D: the first tile whose columns divide D. At 16 x
+# 512 with a runtime K loop the weighted kernel took 160-162 registers on sm90 (3 CTAs, 12 warps
+# per SM; mm1-moe kernels report at mm1-7b-moe). With K a constexpr (the loop unrolled), 4 x
+# 1024 takes 40 registers (44 with triton 3.6): 10-12 CTAs, 40-48 warps per SM; 8 x 512 takes
+# 54: 9 CTAs. 4 x 1024 where 1024 divides D (mm1-7b-moe's 4096); else 8 x 512 (mm1-3b-moe's
+# 2560: 5 full column blocks instead of 3 with a half-masked last one).
+DISPATCH_BWD_TILES = ((4, 1024), (8, 512))
+DISPATCH_BWD_CANDIDATES = ((4, 1024), (8, 512), (16, 256), (2, 2048))
+
+
+def dispatch_bwd_gpu_blocks(D: int) -> Tuple[int, int]:
+    """dispatch_bwd's GPU tile for width D (see DISPATCH_BWD_TILES)."""
+    return next((t for t in DISPATCH_BWD_TILES if D % t[1] == 0), DISPATCH_BWD_TILES[-1])
 
 
 def _row_blocks(rows: int, D: int, blocks: Blocks, gpu: Tuple[int, int]) -> Tuple[int, int]:
@@ -338,8 +357,8 @@ def dispatch_fwd(x_TD: torch.Tensor, meta: DispatchMeta, blocks: Blocks = None,
         _dispatch_fwd_kernel[grid](
             x_TD, meta.sort_index_N, scale_TK if scale_TK is not None else x_TD,
             dot_ND if dot_ND is not None else x_TD, dot_TK if dot_TK is not None else x_TD,
-            out_ND, N, D, meta.top_k, d_span, x_TD.stride(0), out_ND.stride(0),
-            dot_ND.stride(0) if dot_ND is not None else 0,
+            out_ND, N, D, d_span, x_TD.stride(0), out_ND.stride(0),
+            dot_ND.stride(0) if dot_ND is not None else 0, K=meta.top_k,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_SCALE=scale_TK is not None,
             HAS_DOT=dot_ND is not None, ACC_DTYPE=kernel_dtypes(x_TD.dtype).acc)
     return out_ND if dot_ND is None else (out_ND, dot_TK)
@@ -354,7 +373,7 @@ def dispatch_bwd(grad_ND: torch.Tensor, meta: DispatchMeta, blocks: Blocks = Non
         raise ValueError(f"expected [{meta.num_rows}, D] rows, got {tuple(grad_ND.shape)}")
     grad_ND = _rows_contiguous(grad_ND)
     T, D = meta.num_tokens, grad_ND.shape[1]
-    BLOCK_T, BLOCK_D = _row_blocks(T, D, blocks, DISPATCH_BWD_BLOCKS)
+    BLOCK_T, BLOCK_D = _row_blocks(T, D, blocks, dispatch_bwd_gpu_blocks(D))
     out_TD = torch.empty(T, D, dtype=grad_ND.dtype, device=grad_ND.device)
     if weights_TK is not None:
         weights_TK = weights_TK.contiguous()
@@ -362,7 +381,7 @@ def dispatch_bwd(grad_ND: torch.Tensor, meta: DispatchMeta, blocks: Blocks = Non
         grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
         _dispatch_bwd_kernel[grid](
             grad_ND, meta.inverse_TK, weights_TK if weights_TK is not None else grad_ND, out_TD,
-            T, D, meta.top_k, grad_ND.stride(0), out_TD.stride(0),
+            T, D, grad_ND.stride(0), out_TD.stride(0), K=meta.top_k,
             BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, HAS_WEIGHTS=weights_TK is not None,
             ACC_DTYPE=kernel_dtypes(grad_ND.dtype).acc)
     return out_TD

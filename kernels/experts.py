@@ -53,7 +53,17 @@ FC1_GPU_BLOCKS = GemmBlocks(128, 64, 64, group_m=8, num_warps=8, num_stages=3)
 # fc2's backward reloads gate/up tiles and writes three tiles in its epilogue: at 128x128 that
 # epilogue took 255 registers and spilled 1,284 B per thread on sm90 (mm1-moe kernels report);
 # 128x64 holds it in 252 registers without spilling (triton 3.9's ptxas); compile-checked only.
+# Triton 3.6 (the GPU image's) takes 255 and spills 48 B per thread there with the routing-weight
+# epilogue (EP=1); 128x32 takes 130-135 registers without spilling under both: the sweep's
+# alternative, not adopted unmeasured (it halves the math per dy tile loaded).
 FC2_BWD_GPU_BLOCKS = GemmBlocks(128, 64, 64, group_m=8, num_warps=8, num_stages=3)
+# Candidates of each, spill-free with triton 3.9 (compiled for sm90 by
+# tests/kernels/test_kernel_report.py, timed by benchmarks/bench_tile_sweep.py), the table first. BLOCK_M stays 128: fc1, fc2 and
+# fc2's backward share one tile schedule (SwiGLUExpertsFunction).
+FC1_GPU_CANDIDATES = (FC1_GPU_BLOCKS, GemmBlocks(128, 64, 64, num_warps=8, num_stages=4),
+                      GemmBlocks(128, 64, 32, num_warps=8, num_stages=5))
+FC2_BWD_GPU_CANDIDATES = (FC2_BWD_GPU_BLOCKS, GemmBlocks(128, 32, 64, num_warps=8, num_stages=4),
+                          GemmBlocks(128, 64, 64, num_warps=8, num_stages=2))
 
 
 @triton.jit

@@ -66,10 +66,44 @@ class GemmBlocks:
     num_stages: int = 4
 
 
-# GPU tiles: the shape of a good bf16 Triton matmul on H100 (128x128x64, 8 warps, 4 stages: 32 KiB
-# of shared memory per stage). UNTUNED: chosen without a GPU, to be measured and tuned on H100.
+# GPU tiles, one table per kernel, each with its spill-free candidates (compiled for sm90 by
+# tests/kernels/test_kernel_report.py, timed on a card by benchmarks/bench_tile_sweep.py, whose
+# winners JSON says what to pin here). Tables rather than @triton.autotune: BLOCK_M is fixed
+# before the launch by the tile schedule that fc1, fc2 and dA share, BLOCK_K sets the dW
+# summation order (autotune picking per process would make ranks and runs differ in their
+# bits), and the interpreter wants its own tiles (_common.use_interpreter_tiles).
+#
+# Forward / dA: the shape of a good bf16 Triton matmul on H100 (128x128x64, 8 warps, 4 stages:
+# 32 KiB of shared memory per stage, 128 KiB: 1 CTA per SM). UNTUNED: chosen without a GPU.
+# Candidates keep BLOCK_M = 128, the schedule swiglu_experts shares with fc1 and fc2's backward:
+# 3 stages (96 KiB, 114 registers: 2 CTAs per SM with triton 3.6 and 3.9), 128x256 (144 KiB,
+# 201-205 registers), 128x64 at 4 warps (96 KiB, 126-128 registers: 2 CTAs of 4 warps).
 GPU_BLOCKS = GemmBlocks(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
-GPU_DW_BLOCKS = GemmBlocks(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
+GPU_CANDIDATES = (GPU_BLOCKS, GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),
+                  GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
+                  GemmBlocks(128, 64, 64, num_warps=4, num_stages=4))
+# dW, per mean rows per expert (the reduction length of every program). At 128x128x64, 4 stages
+# (128 KiB of shared memory) it ran 1 CTA per SM, and at mm1-7b-moe's 256 rows per expert (EP=1)
+# a program makes only 4 K-steps: prologue and epilogue are most of it and nothing overlaps
+# them. 3 stages (96 KiB) take 127 registers with triton 3.9 but 129 with 3.6 (the GPU image's),
+# one over the 128 at which 2 CTAs of 8 warps fit: still 1 CTA per SM there. 128x128x32, 4
+# stages: 64 KiB, 99 registers (101 with 3.6), 2 CTAs per SM under both, so one CTA's epilogue
+# overlaps the other's loads; 8 K-steps at 256 rows per expert (mm1-moe kernels report, sm90).
+# Past 512 rows per expert (EP=8: 2048 rows, 64 K-steps) the main loop dominates and the same
+# tile stays until a card says otherwise (the sweep times both buckets). Not timed on a card.
+_DW_2CTA = GemmBlocks(128, 128, 32, group_m=8, num_warps=8, num_stages=4)
+GPU_DW_TILES = ((512, _DW_2CTA), (None, _DW_2CTA))
+GPU_DW_CANDIDATES = (_DW_2CTA, GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),
+                     GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),
+                     GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
+                     GemmBlocks(64, 128, 64, num_warps=4, num_stages=4))
+
+
+def dw_gpu_blocks(rows_per_expert: int) -> GemmBlocks:
+    """The dW kernel's GPU tile for this mean number of rows per expert (GPU_DW_TILES)."""
+    return next(b for bound, b in GPU_DW_TILES if bound is None or rows_per_expert <= bound)
+
+
 # Token-sum kernel: (tokens, columns) per program; memory bound, 4K fp32 accumulators over 4 warps.
 GPU_GATHER_BWD_BLOCK = (4, 1024)
 
@@ -380,7 +414,7 @@ def grouped_mm_dw(a: torch.Tensor, dc_NO: torch.Tensor, offsets_E1: torch.Tensor
     if blocks is None:
         blocks = (GemmBlocks(min(128, max(16, next_pow2(I))), min(128, max(16, next_pow2(O))),
                              min(64, max(16, next_pow2(n_rows))), num_warps=4, num_stages=1)
-                  if use_interpreter_tiles() else GPU_DW_BLOCKS)
+                  if use_interpreter_tiles() else dw_gpu_blocks(n_rows // max(E, 1)))
     dw = torch.empty(E, I, O, device=a.device, dtype=a.dtype)
     if dw.numel() == 0:
         return dw

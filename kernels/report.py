@@ -155,7 +155,7 @@ def compiled_details(compiled, capability: int, num_warps: int) -> Dict[str, obj
 
 # ----------------------------------------------------------------------------- capture
 
-_STAGE = ["-"]  # the label launches are recorded under (``_stage``)
+_STAGE = ["-"]  # the label launches are recorded under (``stage``)
 _TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
                     "int32": "i32", "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
@@ -191,8 +191,9 @@ def capture_launches(capability: int) -> Iterator[List[Launch]]:
 
     def record(self, *args, grid, warmup, **kwargs):
         kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # 3.9; 3.6: the first
+            if hasattr(knobs.compilation, knob):
+                kwargs[knob] = getattr(knobs.compilation, knob)
         binder = jit.create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound,
@@ -220,7 +221,7 @@ def capture_launches(capability: int) -> Iterator[List[Launch]]:
 
 
 @contextlib.contextmanager
-def _stage(name: str) -> Iterator[None]:
+def stage(name: str) -> Iterator[None]:
     _STAGE.append(name)
     try:
         yield
@@ -257,7 +258,7 @@ def _moe(moe: Mapping[str, object], dtype, ep: int) -> None:
     w1 = torch.empty(e, D, 2 * F, dtype=dtype, requires_grad=True, **meta_dev)
     w2 = torch.empty(e, F, D, dtype=dtype, requires_grad=True, **meta_dev)
     recompute = bool(moe.get("recompute_fc1", False))
-    with _stage(f"moe ep={ep} fwd"):
+    with stage(f"moe ep={ep} fwd"):
         route = router(logits_TE, K, str(moe.get("router_order", "softmax_topk")),
                        bool(moe.get("normalize_topk", False)), mask_T)
         meta = dispatch_metadata(route.ids_TK, E)
@@ -274,7 +275,7 @@ def _moe(moe: Mapping[str, object], dtype, ep: int) -> None:
             y_local = swiglu_experts(dispatch(x_ND, local_meta), w1, w2, local_meta.offsets_E1,
                                      recompute_fc1=recompute)
             out_TD = combine(combine(y_local, None, local_meta), route.weights_TK, meta)
-    with _stage(f"moe ep={ep} bwd"):
+    with stage(f"moe ep={ep} bwd"):
         _backward(out_TD, route.aux_loss, route.z_loss)
 
 
@@ -286,9 +287,9 @@ def _norm(norm: Mapping[str, object], dtype, capability: int) -> None:
     T, D = int(norm["tokens"]), int(norm["hidden"])
     x = torch.empty(T, D, dtype=dtype, device="meta", requires_grad=True)
     w = torch.empty(D, dtype=dtype, device="meta", requires_grad=True)
-    with _stage("rmsnorm fwd"):
+    with stage("rmsnorm fwd"):
         y = rms_norm(x, w, 1e-5, gpu_tiles(T, D, NUM_SMS[capability]))
-    with _stage("rmsnorm bwd"):
+    with stage("rmsnorm bwd"):
         _backward(y)
 
 
@@ -304,10 +305,10 @@ def _attention(att: Mapping[str, object], dtype, capability: int) -> None:
                .requires_grad_() for h in (H, Hkv, Hkv))
     docs = torch.empty(B, S, dtype=torch.int32, device="meta") if att.get("documents") else None
     name = f"{att['name']} Dh={Dh}" if att.get("name") else f"Dh={Dh}"
-    with _stage(f"attention {name} fwd"):
+    with stage(f"attention {name} fwd"):
         o = flash_attention(q, k, v, bool(att["causal"]), doc_ids_BS=docs,
                             blocks=gpu_blocks(Dh, capability))
-    with _stage(f"attention {name} bwd"):
+    with stage(f"attention {name} bwd"):
         _backward(o)
 
 
@@ -342,13 +343,15 @@ def _child_env() -> Dict[str, str]:
     return env
 
 
-def capture_in_child(shape_sets: Sequence[Mapping[str, object]],
-                     capability: int) -> List[List[Launch]]:
-    """``capture`` of each shape set, run in a child process with the interpreter off."""
+def capture_in_child(shape_sets: Sequence[Mapping[str, object]], capability: int,
+                     candidates: bool = False) -> List[List[Launch]]:
+    """``capture`` of each shape set (with ``candidates``: every tile candidate of every op,
+    ``tile_candidates.capture_candidates``), run in a child process with the interpreter off."""
     with tempfile.TemporaryDirectory() as tmp:
         payload = os.path.join(tmp, "shapes.json")
         with open(payload, "w", encoding="utf-8") as handle:
-            json.dump({"capability": capability, "shapes": list(shape_sets)}, handle)
+            json.dump({"capability": capability, "shapes": list(shape_sets),
+                       "candidates": candidates}, handle)
         done = subprocess.run([sys.executable, "-m", __name__, payload], env=_child_env(),
                               text=True, capture_output=True)
     if done.returncode != 0:
@@ -391,13 +394,16 @@ def compile_launches(launches: Sequence[Launch], capability: int,
 
 
 def kernel_report(shape_sets: Sequence[Mapping[str, object]], target: str = "sm90",
-                  workers: int = 2) -> List[List[Row]]:
+                  workers: int = 2, candidates: bool = False) -> List[List[Row]]:
     """For each shape set (see the module docstring), a row per kernel launch of its MoE layer,
-    RMSNorm and attentions, compiled for ``target`` ("sm90" or "sm80")."""
+    RMSNorm and attentions, compiled for ``target`` ("sm90" or "sm80"). With ``candidates``,
+    instead a row per launch of every GPU tile candidate of every op
+    (``kernels/tile_candidates.py``), at the shape set's shapes, each under the stage
+    ``tiles <op> <table key> | <tile>``."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     capability = TARGETS[target]
-    captured = capture_in_child(shape_sets, capability)
+    captured = capture_in_child(shape_sets, capability, candidates)
     rows = compile_launches([la for launches in captured for la in launches], capability,
                             workers)
     out, start = [], 0
@@ -439,5 +445,9 @@ def report_json(rows: Sequence[Row]) -> List[Dict[str, object]]:
 if __name__ == "__main__":  # the capture child: a JSON payload; one JSON list on the last line
     with open(sys.argv[1], encoding="utf-8") as handle:
         request = json.load(handle)
-    print(json.dumps([[dataclasses.asdict(la) for la in capture(shapes, request["capability"])]
+    if request.get("candidates"):
+        from .tile_candidates import capture_candidates as _capture
+    else:
+        _capture = capture
+    print(json.dumps([[dataclasses.asdict(la) for la in _capture(shapes, request["capability"])]
                       for shapes in request["shapes"]]))

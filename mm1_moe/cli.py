@@ -189,7 +189,7 @@ def _kernels_report(args: argparse.Namespace) -> int:
     if not args.config and folder is None:
         raise ConfigError("kernels report needs --config YAML (no configs/ folder here)")
     config = load_config(args.config or os.path.join(folder, "mm1-7b-moe.yaml"), args.overrides)
-    rows = kernel_report([kernel_shapes(config)], args.target)[0]
+    rows = kernel_report([kernel_shapes(config)], args.target, candidates=args.candidates)[0]
     if args.json:
         print(json.dumps({"config": config.model.name, "target": args.target,
                           "launches": report_json(rows)}, indent=2, default=str))
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPU to compile for (default sm90)")
     report.add_argument("--config", help="YAML config (default: configs/mm1-7b-moe.yaml)")
     report.add_argument("--json", action="store_true", help="print one JSON object")
+    report.add_argument("--candidates", action="store_true",
+                        help="instead, every GPU tile candidate of every op at the config's "
+                             "shapes (kernels/tile_candidates.py; bench_tile_sweep.py times them)")
     report.add_argument("overrides", nargs="*", help="dotted overrides")
     report.set_defaults(func=_kernels_report)
 

@@ -17,9 +17,10 @@ import torch
 
 from mm1_moe.kernels._common import next_pow2
 from mm1_moe.kernels.combine import combine
-from mm1_moe.kernels.dispatch import (DISPATCH_BWD_BLOCKS, DISPATCH_FWD_BLOCKS,
-                                      DISPATCH_FWD_DOT_BLOCKS, dispatch, dispatch_bwd,
-                                      dispatch_fwd, dispatch_metadata, route_blocks)
+from mm1_moe.kernels.dispatch import (DISPATCH_BWD_CANDIDATES, DISPATCH_FWD_CANDIDATES,
+                                      DISPATCH_FWD_DOT_CANDIDATES, dispatch, dispatch_bwd,
+                                      dispatch_bwd_gpu_blocks, dispatch_fwd, dispatch_metadata,
+                                      route_blocks)
 from mm1_moe.kernels.reference.dispatch import combine_ref, dispatch_metadata_ref, dispatch_ref
 
 
@@ -230,26 +231,42 @@ def test_dispatch_is_an_exact_copy_in_every_dtype(dtype):
 
 
 def test_row_kernels_at_gpu_tiles():
-    """The launchers at the exact GPU tile sizes (masks on partial row and column tiles)."""
+    """The launchers at every GPU tile candidate (the tables' picks among them; masks on partial
+    row and column tiles: D = 1500 is no multiple of any column block)."""
     T, K, E, D = 257, 2, 7, 1500
     ids = make_ids(T, K, E, "random")
     probs = torch.rand(T, K)
     meta = dispatch_metadata(ids, E, 1.0, probs)
     x, w = torch.randn(T, D), torch.rand(T, K)
     y = torch.randn(meta.num_rows, D)
-    assert torch.equal(dispatch_fwd(x, meta, DISPATCH_FWD_BLOCKS), dispatch_ref(x, meta))
-    torch.testing.assert_close(dispatch_bwd(y, meta, DISPATCH_BWD_BLOCKS, weights_TK=w),
-                               combine_ref(y, w, meta), rtol=1e-6, atol=1e-6)
-    grad_y, grad_w = dispatch_fwd(x, meta, DISPATCH_FWD_DOT_BLOCKS, scale_TK=w, dot_ND=y)
-    torch.testing.assert_close(grad_y, dispatch_ref(x, meta) * w.reshape(-1)[
-        meta.sort_index_N.long()][:, None], rtol=1e-6, atol=1e-6)
+    assert dispatch_bwd_gpu_blocks(4096) in DISPATCH_BWD_CANDIDATES
+    assert dispatch_bwd_gpu_blocks(2560) in DISPATCH_BWD_CANDIDATES
+    for tile in DISPATCH_FWD_CANDIDATES:
+        assert torch.equal(dispatch_fwd(x, meta, tile), dispatch_ref(x, meta)), tile
+    for tile in DISPATCH_BWD_CANDIDATES:
+        torch.testing.assert_close(dispatch_bwd(y, meta, tile, weights_TK=w),
+                                   combine_ref(y, w, meta), rtol=1e-6, atol=1e-6)
     # grad_w: 1500-term fp32 dot products vs fp64; error bound ~sqrt(D) * 2**-24 * sum|x*y|
     terms = dispatch_ref(x, meta).double() * y.double()
     expected_w = torch.zeros(T * K, dtype=torch.float64)
     expected_w[meta.sort_index_N.long()] = terms.sum(1)
     bound = torch.zeros(T * K, dtype=torch.float64)
     bound[meta.sort_index_N.long()] = 1e-6 * terms.abs().sum(1)
-    assert bool(((grad_w.double() - expected_w).abs() <= bound).all())
+    for tile in DISPATCH_FWD_DOT_CANDIDATES:
+        grad_y, grad_w = dispatch_fwd(x, meta, tile, scale_TK=w, dot_ND=y)
+        torch.testing.assert_close(grad_y, dispatch_ref(x, meta) * w.reshape(-1)[
+            meta.sort_index_N.long()][:, None], rtol=1e-6, atol=1e-6)
+        assert bool(((grad_w.double() - expected_w).abs() <= bound).all()), tile
+
+
+def test_combine_of_one_choice_per_token():
+    """K = 1 (the expert-parallel path's local combine): the unrolled K loop runs once."""
+    ids = make_ids(50, 1, 5, "random")
+    meta = dispatch_metadata(ids, 5)
+    y, w = torch.randn(50, 40), torch.rand(50, 1)
+    for blocks in (None, (4, 1024), (8, 16)):
+        torch.testing.assert_close(combine(y, w, meta, blocks), combine_ref(y, w, meta),
+                                   rtol=1e-6, atol=1e-6)
 
 
 # Tiny ragged shapes for fp64 gradcheck: (T, K, E, D, capacity_factor)
@@ -382,7 +399,7 @@ def _compile_requests(capability):
                      inverse_N="*i32", N="i32", B="i32", E="i32")
     row_sig = dict(src_TD="*bf16", sort_index_N="*i32", scale_TK="*fp32", dot_ND="*bf16",
                    dot_TK="*fp32", out_ND="*bf16", src_ND="*bf16", inverse_TK="*i32",
-                   weights_TK="*fp32", out_TD="*bf16", N="i32", T="i32", D="i32", K="i32",
+                   weights_TK="*fp32", out_TD="*bf16", N="i32", T="i32", D="i32",
                    D_SPAN="i32", stride_src="i32", stride_out="i32", stride_dot="i32")
     jobs = []
     for e_pad in (8, 256):  # the extremes of the one-hot tile: [1024, 8] and [32, 256]
@@ -393,11 +410,11 @@ def _compile_requests(capability):
     f32 = tl.float32
     for (bn, bd), scale, dot in ((d.DISPATCH_FWD_BLOCKS, False, False),
                                  (d.DISPATCH_FWD_DOT_BLOCKS, True, True)):
-        jobs.append((d._dispatch_fwd_kernel, row_sig, dict(BLOCK_N=bn, BLOCK_D=bd,
+        jobs.append((d._dispatch_fwd_kernel, row_sig, dict(K=2, BLOCK_N=bn, BLOCK_D=bd,
                      HAS_SCALE=scale, HAS_DOT=dot, ACC_DTYPE=f32)))
-    bt, bd = d.DISPATCH_BWD_BLOCKS
+    bt, bd = d.dispatch_bwd_gpu_blocks(4096)
     for weights in (False, True):
-        jobs.append((d._dispatch_bwd_kernel, row_sig, dict(BLOCK_T=bt, BLOCK_D=bd,
+        jobs.append((d._dispatch_bwd_kernel, row_sig, dict(K=2, BLOCK_T=bt, BLOCK_D=bd,
                      HAS_WEIGHTS=weights, ACC_DTYPE=f32)))
     return [CompileRequest.for_kernel(kernel, sig, constexprs, capability)
             for kernel, sig, constexprs in jobs]

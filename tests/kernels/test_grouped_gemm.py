@@ -219,6 +219,25 @@ def test_grads_fp32_vs_reference(mode):
                    [p["x"], p["w1"], p["w2"], p["scale"]])
 
 
+@pytest.mark.parametrize("rows_per_expert", [256, 2048], ids=["ep1-bucket", "ep8-bucket"])
+def test_dw_at_its_gpu_table_tile(rows_per_expert):
+    """grouped_mm_dw at the dW table's GPU tile (BLOCK_K = 32 steps over the rows) in the
+    interpreter, on the GPU-tiles problem: 70 rows per expert (2 full K-steps and a partial
+    one), I = 130 and O = 150 (partial row and column tiles of dW), gathered rows and a scale."""
+    from mm1_moe.kernels.grouped_gemm import dw_gpu_blocks, grouped_mm_dw
+
+    p = _problem(*GPU_TILES_PROBLEM)
+    blocks = dw_gpu_blocks(rows_per_expert)
+    dc = torch.randn(p["gather"].numel(), 150, generator=torch.Generator().manual_seed(5))
+    got = grouped_mm_dw(p["x"], dc, p["offsets"], p["gather"], p["scale"], blocks=blocks)
+    a_NI = p["x"][p["gather"].long()]
+    bounds = p["offsets"].tolist()
+    want = torch.stack([a_NI[bounds[e]:bounds[e + 1]].T
+                        @ (p["scale"][bounds[e]:bounds[e + 1], None] * dc[bounds[e]:bounds[e + 1]])
+                        for e in range(len(bounds) - 1)])
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def test_recompute_fc1_matches_saved():
     """Recomputing gate_up in the backward reruns the same kernel on the same inputs: bit-equal."""
     p = _problem(*MEDIUM)
@@ -406,7 +425,7 @@ def _compile_cases():
             ex.FC2_BWD_GPU_BLOCKS, HAS_SCALE=True, stride_dk=1, stride_wk=1, stride_gn=1,
             stride_qn=1, stride_hn=1)),
         "dw-scale": (gg._grouped_mm_dw_kernel, *tiles(
-            gg.GPU_DW_BLOCKS, HAS_SCALE=True, stride_ak=1, stride_dn=1, stride_wn=1)),
+            gg.dw_gpu_blocks(256), HAS_SCALE=True, stride_ak=1, stride_dn=1, stride_wn=1)),
         "gather-bwd": (gg._gather_bwd_kernel, dict(
             ACC_DTYPE=tl.float32, BLOCK_T=gg.GPU_GATHER_BWD_BLOCK[0],
             BLOCK_C=gg.GPU_GATHER_BWD_BLOCK[1], stride_gc=1, stride_oc=1), 4, 1),

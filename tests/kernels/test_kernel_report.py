@@ -8,8 +8,13 @@ Budgets, per launch:
   shared memory  at most the sm90 per-block limit (232,448 B, kernels/_common.py);
   tl.dot         every one lowers to wgmma (no mma.sync, no FMA loop) on sm90.
 
+The same budgets hold for every GPU tile candidate of every op (kernels/tile_candidates.py: the
+tiles benchmarks/bench_tile_sweep.py times to pin the tables), compiled at one representative
+shape each: mm1-7b-moe's MoE shapes and its decoder attention (Dh=128, causal, documents).
+
 CPU-only: the launches are captured on meta tensors and compiled in child processes (47
-distinct specializations for the two configs, about 50 s on 2 cores).
+distinct specializations for the two configs, about 50 s on 2 cores; the candidates add about
+30 more, mostly attention, about 30 s).
 """
 
 from pathlib import Path
@@ -115,6 +120,58 @@ def test_every_dot_lowers_to_wgmma(reports):
            if r.stats and r.stats["dots"] and (r.stats["other_dots"] or not r.stats["wgmma_dots"])]
     assert not bad, "tl.dot not lowered to wgmma on sm90:\n" + "\n".join(bad)
     assert any(r.stats and r.stats["wgmma_dots"] for _, r in _rows(reports))  # the check sees
+
+
+# ----------------------------------------------------------------------------- tile candidates
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    shapes = kernel_shapes(load_config(str(REPO / "configs" / "mm1-7b-moe.yaml")))
+    shapes["attention"] = [a for a in shapes["attention"] if a["name"] == "decoder"]
+    return shapes, kernel_report([shapes], "sm90", candidates=True)[0]
+
+
+def test_every_candidate_is_captured_and_compiles(candidates):
+    from mm1_moe.kernels.tile_candidates import problems
+
+    shapes, rows = candidates
+    kernels_by_stage: dict = {}
+    for row in rows:
+        kernels_by_stage.setdefault(row.launch.stage, set()).add(row.launch.kernel)
+    names = set()
+    for op, dims in problems(shapes):
+        names.add(op.name)
+        for tile in op.candidates(dims):
+            stage = f"tiles {op.name} {op.key(dims)} | {op.label(tile)}"
+            assert kernels_by_stage.get(stage, set()) >= set(op.kernels), stage
+    assert names == {"dispatch_fwd", "dispatch_fwd_dot", "dispatch_bwd", "grouped_mm",
+                     "grouped_mm_dw", "swiglu_fc1", "swiglu_fc2_bwd", "attention_fwd",
+                     "attention_bwd"}
+    failed = [f"{_where('candidates', r)}: {r.error}" for r in rows if r.error]
+    assert not failed, "\n".join(failed)
+
+
+def test_candidates_within_budgets(candidates):
+    """No spill, shared memory within the sm90 limit, every dot on wgmma: for each candidate."""
+    _, rows = candidates
+    limit = SHARED_MEMORY_LIMIT[90]
+    bad = [f"{r.launch.stage} {r.launch.kernel}: {r.stats['spill_stores']} B spilled, "
+           f"{r.stats['shared']} B smem, {r.stats['mma']}" for r in rows if r.stats and (
+               r.stats["spill_stores"] > SPILL_BUDGET or r.stats["shared"] > limit
+               or (r.stats["dots"] and (r.stats["other_dots"] or not r.stats["wgmma_dots"])))]
+    assert not bad, "candidates over budget:\n" + "\n".join(bad)
+
+
+def test_shared_schedule_candidates_keep_block_m():
+    """fc1, fc2 and fc2's backward (and dA) share one tile schedule (SwiGLUExpertsFunction):
+    any candidate pinned as a table entry must keep the tables' BLOCK_M."""
+    from mm1_moe.kernels import experts as ex, grouped_gemm as gg
+
+    tables = {ex.FC1_GPU_BLOCKS.block_m, ex.FC2_BWD_GPU_BLOCKS.block_m, gg.GPU_BLOCKS.block_m}
+    assert len(tables) == 1
+    for b in ex.FC1_GPU_CANDIDATES + ex.FC2_BWD_GPU_CANDIDATES + gg.GPU_CANDIDATES:
+        assert b.block_m in tables, b
 
 
 @pytest.mark.parametrize("regs, shared, warps, cap, ctas, limit", [
