@@ -2,7 +2,10 @@
 
 Every benchmark script in this folder:
   * times with ``time_ms`` (CUDA events via ``triton.testing.do_bench``: warm-up, then the
-    median of repeated runs; on CPU a wall-clock median, which is never a GPU figure);
+    median of repeated runs; on CPU a wall-clock median, which is never a GPU figure) and, where
+    launch overhead would hide a kernel, also with ``time_graph_ms`` (the same calls replayed
+    from one CUDA graph; nan with a reason on CPU, in smoke mode or when capture fails: a graph
+    column never holds a CPU figure);
   * measures its ceilings once per run with ``ceilings()`` (device-to-device copy bandwidth
     counting read + write, dense bf16 matmul TFLOP/s) and prints ratios to them;
   * appends rows to ``benchmarks/results/<name>.csv`` with ``append_rows``: each row carries the
@@ -22,7 +25,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -63,6 +66,35 @@ def time_ms(fn: Callable[[], object], smoke: bool = False, rep_ms: int = 100) ->
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def graph_unavailable(smoke: bool = False) -> Optional[str]:
+    """Why this run times nothing from CUDA graphs, or None where it does."""
+    if not on_gpu():
+        return "no GPU: CUDA graphs need one (CPU/smoke run)"
+    return "smoke mode: not measured" if smoke else None
+
+
+def time_graph_ms(fn: Callable[[], object], smoke: bool = False,
+                  rep_ms: int = 20) -> Tuple[float, str]:
+    """(median milliseconds per call of ``fn`` replayed from a CUDA graph, ''), or (nan, why not).
+
+    ``triton.testing.do_bench_cudagraph``: a warm-up and an estimate, then ``fn`` unrolled ~rep_ms
+    worth of times into one graph, replayed 10 times on a side stream. No host launch cost, no L2
+    flush between calls (do_bench flushes): an input smaller than L2 (50 MB on H100/H200) may be
+    read from it, so compare a graph figure with another graph figure (e.g. a copy of the same
+    bytes). ``fn`` must not synchronise with the host (``.item()``, ``masked_select``,
+    ``nonzero``): capture fails and the reason comes back instead of a number."""
+    why_not = graph_unavailable(smoke)
+    if why_not:
+        return float("nan"), why_not
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()):  # capture needs a side stream
+            return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")), ""
+    except Exception as err:  # noqa: BLE001 - capture errors come as several types
+        return float("nan"), f"capture failed: {type(err).__name__}: {str(err)[:100]}"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ exits 0).
   moe_layer.png    MoE FFN / decoder layer: achieved TFLOP/s vs tokens per expert (T*K/E), one
                    panel per bench and routing (dropless, balanced), ours vs Megatron vs the torch
                    reference; the dashed line is the dense matmul rate measured in the same run
-  moe_kernels.png  dispatch / combine (GB/s) and expert MLPs (TFLOP/s) vs tokens per expert
+  moe_kernels.png  dispatch / combine (GB/s; dashed: replayed from a CUDA graph, where measured)
+                   and expert MLPs (TFLOP/s) vs tokens per expert
   attention.png    forward and backward TFLOP/s per attention shape, per implementation
   step.png         training-step tokens/s and MFU of the shrunk MM1, dropless vs balanced
 
@@ -115,14 +116,18 @@ def plot_moe_kernels(plt, rows: List[Row], path: str, smoke: bool) -> None:
     fig, axes = plt.subplots(1, len(ops), figsize=(4.5 * len(ops), 4.0), squeeze=False)
     for ax, op in zip(axes[0], ops):
         sub = [r for r in rows if r["op"] == op]
-        series: Dict[Tuple[str, str], List[Tuple[float, float]]] = defaultdict(list)
+        series: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = defaultdict(list)
         for r in sub:
             E, K = KERNEL_EK.get(r["config"], (1, 1))
-            series[(r["impl"], r["config"])].append((num(r, "tokens") * K / E, num(r, "rate")))
-        for (impl, config), points in sorted(series.items()):
+            x = num(r, "tokens") * K / E
+            series[(r["impl"], r["config"], "")].append((x, num(r, "rate")))
+            if math.isfinite(num(r, "graph_rate")):  # CUDA-graph figure, where measured
+                series[(r["impl"], r["config"], "graph")].append((x, num(r, "graph_rate")))
+        for (impl, config, graph), points in sorted(series.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=f"{impl} ({config})")
+                    linestyle="--" if graph else "-",
+                    label=f"{impl} ({config}{', graph' if graph else ''})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per expert (T*K/E)")
         ax.set_ylabel(sub[0].get("unit", "rate"))

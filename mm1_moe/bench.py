@@ -23,6 +23,7 @@ MODES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "kernels": ("bench_moe_kernels.py", ()),
     "attention": ("bench_attention.py", ()),
     "rmsnorm": ("bench_rmsnorm.py", ()),
+    "tiles": ("bench_tile_sweep.py", ()),
     "data": ("bench_data.py", ()),
     "threads": ("bench_cpu_threads.py", ()),
     "plot": ("plot.py", ()),
