@@ -30,16 +30,29 @@ def _env():
     return dict(os.environ, TORCHDYNAMO_DISABLE="1")
 
 
-@pytest.mark.parametrize("script", ["bench_rmsnorm.py", "bench_data.py", "bench_moe_layer.py",
-                                    "bench_step.py", "bench_cpu_threads.py"])
+# What the GPU suite does not run in its smoke pass (test_gpu_suite_cpu_fallback runs the rest:
+# the kernel rows, attention, RMSNorm, the MoE experts rows, the tile sweep, step and data).
+@pytest.mark.parametrize("script", [("bench_moe_layer.py", "layer"), ("bench_cpu_threads.py",)],
+                         ids=lambda s: " ".join(s))
 def test_benchmark_smoke(script):
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), "--smoke", "--no-csv"],
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script[0]), *script[1:],
+                           "--smoke", "--no-csv"],
                           capture_output=True, text=True, timeout=600, env=_env(), cwd=BENCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ceilings:" in proc.stdout and "ours" in proc.stdout
-    if script == "bench_moe_layer.py":  # the experts rows under imbalance, beside balanced
+
+
+def check_moe_layer_rows(rows):
+    """Every implementation's experts rows under each routing, imbalanced ones included, with
+    the max/mean they claim."""
+    routings = {(r["impl"], r["routing"]): float(r["max_load"]) for r in rows
+                if r["bench"] == "experts"}
+    for impl in ("ours", "megatron", "torch_reference"):
         for routing in ("dropless", "balanced", "trained", "skew2", "skew4"):
-            assert f"experts mm1-7b-moe T=64 {routing}" in proc.stdout, routing
+            assert (impl, routing) in routings, (impl, routing)
+        assert routings[(impl, "balanced")] == 1.0
+        assert routings[(impl, "skew2")] == pytest.approx(2.0)
+        assert routings[(impl, "skew4")] == pytest.approx(4.0)
 
 
 def test_imbalanced_routings_have_the_counts_they_claim():
@@ -84,18 +97,12 @@ def check_kernel_rows(rows):
         assert float(peers[op]["vs_best_peer"]) > 0, op
 
 
-def test_moe_kernels_smoke_rows(tmp_path):
-    """bench_moe_kernels.py in smoke mode: the table shows the graph column and why it is
-    empty, and the CSV holds every dispatch/combine row with its ratios."""
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_moe_kernels.py"),
-                           "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=_env(), cwd=BENCH)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ceilings:" in proc.stdout and "CPU figures" in proc.stdout
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("op "))
+def check_kernel_table(log: str):
+    """bench_moe_kernels.py's console table shows the graph column and why it is empty."""
+    assert "ceilings:" in log and "CPU figures" in log
+    header = next(line for line in log.splitlines() if line.startswith("op "))
     assert header.split()[4:6] == ["ms", "graph_ms"]
-    assert "graph_ms nan (dispatch_copy, dispatch+meta, combine_copy" in proc.stdout
-    check_kernel_rows(_read_rows(tmp_path / "moe_kernels.smoke.csv"))
+    assert "graph_ms nan (dispatch_copy, dispatch+meta, combine_copy" in log
 
 
 def _nominal_timeouts():
@@ -143,6 +150,8 @@ def test_gpu_suite_cpu_fallback(tmp_path):
     for name in ("moe_layer", "step", "moe_kernels", "rmsnorm", "attention", "data"):
         assert (out / f"{name}.smoke.csv").exists(), name
     check_kernel_rows(_read_rows(out / "moe_kernels.smoke.csv"))
+    check_kernel_table((out / "logs" / "moe_kernels.log").read_text())
+    check_moe_layer_rows(_read_rows(out / "moe_layer.smoke.csv"))
     summary = (out / "summary.md").read_text()
     assert "Smoke run" in summary and "## moe_layer.smoke" in summary
     assert "graph_ms" in summary and "no GPU: CUDA graphs need one" in summary
