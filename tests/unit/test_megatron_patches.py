@@ -4,7 +4,12 @@ changed, its probe passes; the version gate; and no workaround outside the regis
 
 import ast
 import importlib
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -208,3 +213,31 @@ def test_no_workaround_outside_the_registry():
     found = [hit for path in files for hit in _monkeypatches(path)]
     assert found == [], "workarounds belong in mm1_moe/runtime/megatron_patches/:\n" + \
         "\n".join(found)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_checkpoint_writer_manager_dies_with_a_killed_trainer():
+    """A process that saved a checkpoint and was killed with SIGKILL leaves no writer manager
+    behind (upstream's outlives it: the kill -9 tests left one ~270 MB process each)."""
+    code = ("from mm1_moe.runtime import setup_process; setup_process()\n"
+            "from mm1_moe.runtime.megatron_patches import BY_NAME\n"
+            "from mm1_moe.runtime.megatron_patches.ckpt_writer_manager import manager_pid\n"
+            "BY_NAME['ckpt_writer_manager'].apply()\n"
+            "print(manager_pid(), flush=True)\n"
+            "import time; time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        os.kill(pid, 0)  # alive while its parent is
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"the writer manager (pid {pid}) outlived its killed parent")

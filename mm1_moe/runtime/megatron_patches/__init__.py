@@ -20,9 +20,10 @@ import os
 from importlib import metadata
 from typing import Dict, List, Tuple
 
-from . import (aux_loss_scale, cpu_clip_grads, cpu_rng_state, cpu_tensor_type, cpu_torch_proxy,
-               distopt_adam_step, distopt_fp32_params_order, gloo_p2p, import_warnings,
-               mixed_precision_fp32_params, te_unbound_names, unknown_mlp_log)
+from . import (aux_loss_scale, ckpt_writer_manager, cpu_clip_grads, cpu_rng_state,
+               cpu_tensor_type, cpu_torch_proxy, distopt_adam_step, distopt_fp32_params_order,
+               gloo_p2p, import_warnings, mixed_precision_fp32_params, te_unbound_names,
+               unknown_mlp_log)
 from .gloo_p2p import p2p_settings
 from .record import Patch, Revert
 
@@ -42,6 +43,7 @@ REGISTRY: Tuple[Patch, ...] = (
     distopt_adam_step.PATCH,
     distopt_fp32_params_order.PATCH,
     mixed_precision_fp32_params.PATCH,
+    ckpt_writer_manager.PATCH,
 )
 BY_NAME: Dict[str, Patch] = {p.name: p for p in REGISTRY}
 
