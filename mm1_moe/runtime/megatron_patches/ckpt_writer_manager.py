@@ -6,8 +6,10 @@ save and shut down by an exit handler. A trainer killed with SIGKILL runs no exi
 manager, its parent gone, waits on its socket forever, one per rank and kill (seen in the kill -9
 tests: each left one behind). The replacement starts the same manager with an initializer that
 asks the kernel to SIGKILL it when the process that started it exits (``prctl
-PR_SET_PDEATHSIG``; it holds only a queue of write results, nothing to flush). Elsewhere than
-Linux the replacement is upstream's."""
+PR_SET_PDEATHSIG``; it holds only a queue of write results, nothing to flush). The kernel
+tracks the starting *thread*: mm1-moe saves from the main thread; a save from a thread that
+ends before the process would lose the manager with it. Elsewhere than Linux the replacement
+is upstream's."""
 
 from __future__ import annotations
 
