@@ -15,7 +15,7 @@ ours against Megatron-core's ``MoELayer`` and a plain-torch reference, in the sa
 Each is measured under several routings, reported separately: ``dropless`` (the real router on
 random inputs, every routed row kept) and ``balanced`` (the router still runs, then its ids are
 overridden by a round-robin assignment that gives every expert exactly T*K/E rows; same compute
-path); the experts rows also under imbalance, what it costs: ``trained`` (the sorted load
+path); and under imbalance, what it costs: ``trained`` (the sorted load
 profile that the default run's trained router gives on the bundled data, from
 ``benchmarks/results/trained_routing.json``, stretched to the config's E) and ``skew2`` /
 ``skew4`` (one expert takes 2x / 4x the mean rows, the rest share evenly). ``max_load`` is each
@@ -237,9 +237,10 @@ def _with_kernels(config, attention: str):
 
 
 def bench_layer(config_path: str = DEFAULT_CONFIG, tokens: int = 16384, ep: int = 1,
-                smoke: bool = False, ceil=None) -> List[Dict[str, object]]:
+                smoke: bool = False, ceil=None,
+                routings: Tuple[str, ...] = ROUTINGS) -> List[Dict[str, object]]:
     """Rows for one whole MoE decoder layer (sequences of data.seq_length tokens), ours against
-    Megatron's MoELayer + SDPA attention, dropless and balanced."""
+    Megatron's MoELayer + SDPA attention, one per routing."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 
@@ -277,11 +278,18 @@ def bench_layer(config_path: str = DEFAULT_CONFIG, tokens: int = 16384, ep: int 
         layer = build_module(spec, config=layer_tc, layer_number=index + 1).to(device)
         name = "megatron+sdpa" if impl == "megatron" else "ours"
         call = lambda m, h: m(h, attention_mask=None, rotary_pos_emb=rope)[0]  # noqa: E731
-        for routing in ("dropless", "balanced"):
+        for routing in routings:
+            load = float("nan")
             if routing == "balanced":
                 balance(impl, layer.mlp)
+                load = 1.0
+            elif routing in IMBALANCED:
+                counts = imbalanced_counts(routing, T, shapes["E"], shapes["K"])
+                if counts is None:
+                    continue  # no trained profile (said by bench_experts)
+                load = force_routing(impl, layer.mlp, counts)
             row = {**base, "impl": name, "experts_impl": experts_impl_name(impl, layer.mlp),
-                   "routing": routing, "max_load": float("nan")}
+                   "routing": routing, "max_load": load}
             row.update(measure(layer, x, grad, call, smoke, rep_ms=500))
             rates(row, T, flops, ceil)
             rows.append(row)
@@ -322,6 +330,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="tokens per step (T); several values sweep tokens per expert")
     parser.add_argument("--ep", type=int, default=1,
                         help="expert-parallel size: one process per rank (torchrun); 1 on one GPU")
+    parser.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=ROUTINGS,
+                        help="routings to measure (default: all)")
     args, rest = parser.parse_known_args(argv)
     if args.mode == "step":
         import bench_step
@@ -361,10 +371,12 @@ def _run(args) -> int:
                   flush=True)
         rows: List[Dict[str, object]] = []
         for tokens in ([SMOKE_TOKENS] if smoke else args.tokens):
+            routings = tuple(args.routings)
             if args.mode in ("experts", "all"):
-                rows += bench_experts(args.config, tokens, args.ep, smoke, ceil)
+                rows += bench_experts(args.config, tokens, args.ep, smoke, ceil,
+                                      routings=routings)
             if args.mode in ("layer", "all"):
-                rows += bench_layer(args.config, tokens, args.ep, smoke, ceil)
+                rows += bench_layer(args.config, tokens, args.ep, smoke, ceil, routings)
         peer_ratios(rows)
         if is_main():
             _report(rows, ceil, smoke, args)

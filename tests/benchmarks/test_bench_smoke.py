@@ -32,14 +32,18 @@ def _env():
 
 # What the GPU suite does not run in its smoke pass (test_gpu_suite_cpu_fallback runs the rest:
 # the kernel rows, attention, RMSNorm, the MoE experts rows, the tile sweep, step and data).
-@pytest.mark.parametrize("script", [("bench_moe_layer.py", "layer"), ("bench_cpu_threads.py",)],
-                         ids=lambda s: " ".join(s))
+@pytest.mark.parametrize("script", [("bench_moe_layer.py", "layer", "--routings", "balanced",
+                                     "skew4"), ("bench_cpu_threads.py",)],
+                         ids=lambda s: " ".join(s[:2]))
 def test_benchmark_smoke(script):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, script[0]), *script[1:],
                            "--smoke", "--no-csv"],
                           capture_output=True, text=True, timeout=600, env=_env(), cwd=BENCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ceilings:" in proc.stdout and "ours" in proc.stdout
+    if script[0] == "bench_moe_layer.py":
+        for routing in ("balanced", "skew4"):
+            assert f"layer mm1-7b-moe T=64 {routing}" in proc.stdout, routing
 
 
 def check_moe_layer_rows(rows):
