@@ -3,6 +3,7 @@ Smoke numbers are CPU figures: they are never written to the results CSVs here (
 temporary --out), and a CUDA-graph column on CPU must stay empty (nan) with its reason."""
 
 import csv
+import json
 import math
 import os
 import re
@@ -101,6 +102,22 @@ def check_kernel_rows(rows):
         assert float(peers[op]["vs_best_peer"]) > 0, op
 
 
+def check_tile_sweep_outputs(folder):
+    """bench_tile_sweep.py's smoke pass: every op's candidates ran and matched the table tile;
+    CPU figures are named as such (no GPU time column, no winner)."""
+    rows = _read_rows(folder / "tile_sweep.smoke.csv")
+    assert "cpu_smoke_ms" in rows[0] and "gpu_ms" not in rows[0] and "winner" not in rows[0]
+    assert {r["smoke"] for r in rows} == {"1"} and {r["card"] for r in rows} == {"cpu"}
+    from mm1_moe.kernels.tile_candidates import ops
+
+    assert {r["op"] for r in rows} == set(ops())
+    bad = [r for r in rows if r["status"] != "ok" or r["match"] != "1"]
+    assert not bad, bad
+    assert sum(r["table"] == "1" for r in rows) == len({(r["op"], r["key"]) for r in rows})
+    winners = json.loads((folder / "tile_sweep_winners.smoke.json").read_text())
+    assert winners["winners"] == {} and winners["timing"].startswith("cpu-smoke")
+
+
 def check_kernel_table(log: str):
     """bench_moe_kernels.py's console table shows the graph column and why it is empty."""
     assert "ceilings:" in log and "CPU figures" in log
@@ -156,6 +173,7 @@ def test_gpu_suite_cpu_fallback(tmp_path):
     check_kernel_rows(_read_rows(out / "moe_kernels.smoke.csv"))
     check_kernel_table((out / "logs" / "moe_kernels.log").read_text())
     check_moe_layer_rows(_read_rows(out / "moe_layer.smoke.csv"))
+    check_tile_sweep_outputs(out)
     summary = (out / "summary.md").read_text()
     assert "Smoke run" in summary and "## moe_layer.smoke" in summary
     assert "graph_ms" in summary and "no GPU: CUDA graphs need one" in summary
